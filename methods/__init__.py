@@ -1,0 +1,8 @@
+"""Pure torch / numpy / faiss anomaly-detection methods. Nothing in this package imports Ray."""
+
+from methods.base import METHODS, AnomalyMethod, BankMethod, MethodState, create_method, register_method
+
+# Importing the method modules fills the registry.
+from methods import patchcore as _patchcore  # noqa: F401,E402  isort: skip
+
+__all__ = ["METHODS", "AnomalyMethod", "BankMethod", "MethodState", "create_method", "register_method"]

@@ -1,0 +1,177 @@
+"""One interface for every anomaly-detection method, and the registry that maps names to implementations.
+
+Modelled on timm's registry: a method is one class in one file, decorated with `@register_method`, and everything
+else (CLI, Ray pipelines, artifact, serving) reaches it through `create_method(name, **options)`.
+
+A method sees *features*, never images: a list with one tensor per backbone level, each `(B, C_l, H_l, W_l)`,
+already locally averaged (see `methods.backbone`). It returns patch-level anomaly scores `(B, h, w)`; upsampling,
+smoothing and the image score live in `methods.scoring`, so every method and every entry point post-processes alike.
+
+Example:
+    >>> method = create_method("patchcore", coreset_ratio=0.1)
+    >>> method.fit(feature_batches)            # iterable of list[Tensor]
+    >>> patch_scores = method.score(features)  # (B, h, w)
+    >>> restored = type(method).from_state(method.state())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import faiss
+import torch
+
+METHODS: dict[str, type[AnomalyMethod]] = {}
+
+
+@dataclasses.dataclass
+class MethodState:
+    """Everything needed to rebuild a fitted method, in pickle-free parts.
+
+    Attributes:
+        options: JSON-serialisable options the method was built with (after defaults were applied).
+        tensors: named tensors, saved with safetensors.
+        indexes: named FAISS indexes, saved with `faiss.write_index`.
+        info: JSON-serialisable facts about the fit (bank size, ...), stored in config.json.
+    """
+
+    options: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    indexes: dict[str, faiss.Index] = dataclasses.field(default_factory=dict)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class AnomalyMethod(ABC):
+    """A method that learns nominal features and scores patches by how far they are from nominal.
+
+    Subclasses declare `name` and `defaults` (every accepted option with its default value); unknown options are
+    refused with the list of accepted ones, and values given as strings (from `--set key=value`) are cast to the
+    type of the default.
+    """
+
+    name: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]]
+
+    def __init__(self, **options: Any) -> None:
+        self.options = resolve_options(self.name, self.defaults, options)
+
+    @abstractmethod
+    def fit(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
+        """Learns nominal features from batches of per-level features of normal images."""
+
+    @abstractmethod
+    def score(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Returns patch-level anomaly scores `(B, h, w)` on the finest level's grid (higher = more anomalous)."""
+
+    @abstractmethod
+    def state(self) -> MethodState:
+        """Returns the fitted state (options, tensors, FAISS indexes)."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, state: MethodState) -> AnomalyMethod:
+        """Rebuilds a fitted method from `state()`."""
+
+    def to(self, device: torch.device | str) -> AnomalyMethod:
+        """Moves the method's tensors to `device`; methods with device state override it."""
+        return self
+
+    def bank_stats(self) -> tuple[int | None, int | None]:
+        """Returns `(vectors, bytes)` of the memory bank or basis, or `(None, None)` for methods without one."""
+        return None, None
+
+
+def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
+    """Class decorator that adds a method to `METHODS` under its `name`."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice ({METHODS[cls.name]} and {cls})")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def create_method(name: str, **options: Any) -> AnomalyMethod:
+    """Builds the registered method `name` with `options` (strings are cast to each default's type)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name](**options)
+
+
+def resolve_options(method: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Merges `options` into `defaults`, casting strings to the default's type and refusing unknown keys."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; accepted: {sorted(defaults)}")
+    resolved = dict(defaults)
+    for key, value in options.items():
+        resolved[key] = _cast_like(defaults[key], value, f"{method}.{key}")
+    return resolved
+
+
+def _cast_like(default: Any, value: Any, label: str) -> Any:
+    if not isinstance(value, str) or isinstance(default, str):
+        return value
+    casters: dict[type, Callable[[str], Any]] = {
+        bool: lambda text: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()],
+        int: int,
+        float: float,
+    }
+    caster = casters.get(type(default))
+    if default is None:
+        caster = _parse_loose
+    if caster is None:
+        raise ValueError(f"option {label} cannot be set from text (default {default!r})")
+    try:
+        return caster(value)
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"option {label}={value!r} is not a valid {type(default).__name__}") from error
+
+
+def _parse_loose(text: str) -> Any:
+    """Parses an option whose default is None: int, then float, then 'none', else the text itself."""
+    for caster in (int, float):
+        try:
+            return caster(text)
+        except ValueError:
+            pass
+    return None if text.lower() == "none" else text
+
+
+class BankMethod(AnomalyMethod):
+    """A method whose model is a set of nominal patch vectors (a memory bank or a basis) searched with FAISS.
+
+    Fitting is split so that it distributes: `condense` runs where the features are computed (one Ray Data batch
+    at a time, on any worker) and shrinks a batch's patch vectors to the candidates worth keeping; the driver then
+    gathers only those candidates and calls `fit_bank` once. `fit` chains the two for in-process use.
+    """
+
+    def embed(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Returns the patch vectors `(B*h*w, D)` of per-level features, all levels on the finest grid."""
+        from methods.backbone import concat_levels
+
+        patches = concat_levels(features)
+        return patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
+
+    def condense(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Returns the candidate vectors of one batch worth gathering; by default all of them."""
+        return vectors
+
+    @abstractmethod
+    def fit_bank(self, vectors: torch.Tensor, total_vectors: int | None = None) -> None:
+        """Builds the bank / basis and its index from the gathered candidate vectors `(N, D)`.
+
+        `total_vectors` is how many patch vectors there were before `condense` (None: as many as `vectors`), so that
+        size ratios refer to the whole training set wherever the candidates were condensed.
+        """
+
+    def fit(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
+        candidates, total_vectors = [], 0
+        for features in feature_batches:
+            vectors = self.embed(features)
+            total_vectors += len(vectors)
+            candidates.append(self.condense(vectors))
+        if not candidates:
+            raise ValueError(f"{self.name}: no training features to fit on (empty training split?)")
+        self.fit_bank(torch.cat(candidates), total_vectors=total_vectors)

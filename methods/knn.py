@@ -1,0 +1,91 @@
+"""FAISS nearest-neighbour indexes shared by every bank-based method (patchcore's bank, sgfr's basis).
+
+One place decides the index type, so methods stay free of FAISS plumbing: exact flat L2 search while the bank is
+small, an inverted-file index (IVF, `nlist` cells, `nprobe` visited per query) once it is large, and a GPU copy of
+either when a GPU is present. Saved indexes are always CPU indexes (`faiss.write_index` cannot write GPU ones).
+"""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+
+IVF_MIN_VECTORS = 200_000
+"""Banks at least this large get an IVF index by default: exact search over them costs seconds per image on CPU."""
+
+_TRAIN_POINTS_PER_CELL = 64
+
+
+def build_index(
+    vectors: np.ndarray,
+    kind: str = "auto",
+    nlist: int | None = None,
+    nprobe: int = 16,
+    use_gpu: bool | None = None,
+    seed: int = 0,
+) -> faiss.Index:
+    """Builds an L2 index over `vectors` `(N, D)`.
+
+    Args:
+        vectors: the bank, float32 or castable to it.
+        kind: "flat" (exact), "ivf" (inverted file, approximate) or "auto" (ivf from `IVF_MIN_VECTORS` vectors on).
+        nlist: IVF cells; default sqrt(N), which keeps training and probing cheap.
+        nprobe: IVF cells visited per query.
+        use_gpu: put the index on the GPU; None = when FAISS sees one.
+        seed: k-means seed, so that a fit is reproducible.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise ValueError(f"need a non-empty (N, D) bank to index, got shape {vectors.shape}")
+    if kind not in ("auto", "flat", "ivf"):
+        raise ValueError(f"unknown index kind {kind!r}; choose auto, flat or ivf")
+    count, dim = vectors.shape
+    if kind == "auto":
+        kind = "ivf" if count >= IVF_MIN_VECTORS else "flat"
+    if kind == "flat":
+        index: faiss.Index = faiss.IndexFlatL2(dim)
+    else:
+        cells = max(1, min(nlist or int(math.sqrt(count)), count))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, cells)
+        index.cp.seed = seed
+        rng = np.random.default_rng(seed)
+        sample_size = min(count, cells * _TRAIN_POINTS_PER_CELL)
+        index.train(vectors[rng.choice(count, sample_size, replace=False)] if sample_size < count else vectors)
+        index.nprobe = min(nprobe, cells)
+    index.add(vectors)
+    return to_device(index, use_gpu)
+
+
+def to_device(index: faiss.Index, use_gpu: bool | None = None) -> faiss.Index:
+    """Returns `index` on the GPU when asked (or, with None, when FAISS has a GPU), else unchanged."""
+    if use_gpu is None:
+        use_gpu = gpu_available()
+    if not use_gpu:
+        return index
+    if not gpu_available():
+        raise RuntimeError("a GPU FAISS index was requested but FAISS sees no GPU (install the 'gpu' extra)")
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+
+
+def to_cpu(index: faiss.Index) -> faiss.Index:
+    """Returns a CPU copy of a GPU index (for saving), or the index itself."""
+    return faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice") else index
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns squared L2 distances and ids `(Q, k)` of the `k` nearest bank vectors of each query."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if k > index.ntotal:
+        raise ValueError(f"k={k} neighbours requested but the index holds only {index.ntotal} vectors")
+    return index.search(queries, k)
+
+
+def index_bytes(index: faiss.Index) -> int:
+    """Serialized size of `index` in bytes: what the bank costs on disk and, roughly, in memory."""
+    return int(faiss.serialize_index(to_cpu(index)).nbytes)

@@ -1,0 +1,254 @@
+"""Sample discovery for every supported on-disk layout, and the validation pass that runs before any heavy work.
+
+Layouts (detected from the path):
+    MVTec AD root        <root>/<category>/{train/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png}
+    MVTec AD category    the same, one category folder
+    VisA-style CSV       object,split,label,image,mask (label "normal"/"anomaly", paths relative to the CSV)
+    MVTec 3D-AD          <root>/<category>/{train/good/rgb, test/<defect>/{rgb,gt}} (RGB only; validation/ unused)
+    plain folder         images directly in the folder: all normal training images (fit only)
+
+Validation opens every image (and mask) once, so a bad file is reported by name before minutes of feature
+extraction, and either stops the run (`on_bad_image="error"`) or is skipped and listed (`"skip"`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+NORMAL = "good"
+
+
+class DatasetError(ValueError):
+    """Input data that cannot be used as it is; the message names the file or folder and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One image of a dataset: where it is, which category and split it belongs to, and its ground truth."""
+
+    image: str
+    category: str
+    split: str  # "train" or "test"
+    label: int  # 0 normal, 1 anomalous
+    defect: str = NORMAL
+    mask: str | None = None
+
+
+def discover(data: str | Path, categories: Sequence[str] | None = None) -> list[Sample]:
+    """Finds every sample under `data`, whatever its layout; `categories` keeps a subset (all when None)."""
+    path = Path(data).expanduser().resolve()
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or folder")
+    samples = _discover_layout(path)
+    found = sorted({sample.category for sample in samples})
+    if categories:
+        missing = sorted(set(categories) - set(found))
+        if missing:
+            raise DatasetError(f"{path}: categories {missing} not found; available: {found}")
+        samples = [sample for sample in samples if sample.category in set(categories)]
+    return samples
+
+
+def layout_of(path: Path) -> str:
+    """Names the layout of `path`: mvtec, mvtec_category, mvtec3d, mvtec3d_category, csv or folder."""
+    if path.is_file():
+        if path.suffix.lower() == ".csv":
+            return "csv"
+        raise DatasetError(f"{path}: a data file must be a VisA-style split .csv")
+    if (path / "train").is_dir():
+        return "mvtec3d_category" if (path / "train" / NORMAL / "rgb").is_dir() else "mvtec_category"
+    category_dirs = [child for child in _subdirs(path) if (child / "train").is_dir()]
+    if category_dirs:
+        return "mvtec3d" if any((child / "train" / NORMAL / "rgb").is_dir() for child in category_dirs) else "mvtec"
+    if _images_in(path):
+        return "folder"
+    raise DatasetError(
+        f"{path}: unknown layout; expected an MVTec AD / MVTec 3D-AD root or category folder, a VisA-style split "
+        "CSV, or a folder of images"
+    )
+
+
+def _discover_layout(path: Path) -> list[Sample]:
+    layout = layout_of(path)
+    if layout == "csv":
+        return _from_csv(path)
+    if layout == "folder":
+        return [Sample(str(image), path.name, "train", 0) for image in _images_in(path)]
+    rgb = layout.startswith("mvtec3d")
+    if layout.endswith("category"):
+        return _from_mvtec_category(path, rgb)
+    return [
+        sample
+        for category in _subdirs(path)
+        if (category / "train").is_dir()
+        for sample in _from_mvtec_category(category, rgb)
+    ]
+
+
+def _from_mvtec_category(folder: Path, rgb: bool) -> list[Sample]:
+    """MVTec AD (`rgb=False`) or MVTec 3D-AD (`rgb=True`) category folder."""
+    category = folder.name
+    leaf = "rgb" if rgb else ""
+    samples = [Sample(str(image), category, "train", 0) for image in _images_in(folder / "train" / NORMAL / leaf)]
+    for defect_dir in _subdirs(folder / "test"):
+        defect = defect_dir.name
+        for image in _images_in(defect_dir / leaf):
+            if defect == NORMAL:
+                samples.append(Sample(str(image), category, "test", 0))
+                continue
+            mask = (defect_dir / "gt" / image.name) if rgb else _mvtec_mask(folder, defect, image)
+            samples.append(Sample(str(image), category, "test", 1, defect, str(mask)))
+    return samples
+
+
+def _mvtec_mask(folder: Path, defect: str, image: Path) -> Path:
+    mask_dir = folder / "ground_truth" / defect
+    for candidate in (mask_dir / f"{image.stem}_mask.png", mask_dir / f"{image.stem}.png"):
+        if candidate.exists():
+            return candidate
+    return mask_dir / f"{image.stem}_mask.png"
+
+
+def _from_csv(path: Path) -> list[Sample]:
+    root = path.parent
+    samples = []
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"object", "split", "label", "image"} - set(reader.fieldnames or [])
+        if missing:
+            raise DatasetError(f"{path}: missing columns {sorted(missing)}; expected object,split,label,image,mask")
+        for line, row in enumerate(reader, start=2):
+            split, label = row["split"].strip().lower(), row["label"].strip().lower()
+            if split not in ("train", "test") or label not in ("normal", "anomaly"):
+                raise DatasetError(
+                    f"{path}:{line}: split must be train/test and label normal/anomaly, got {split!r}/{label!r}"
+                )
+            anomalous = int(label == "anomaly")
+            mask = (row.get("mask") or "").strip()
+            defect = Path(row["image"]).parts[0] if anomalous else NORMAL
+            samples.append(
+                Sample(
+                    str(root / row["image"].strip()),
+                    row["object"].strip(),
+                    split,
+                    anomalous,
+                    defect,
+                    str(root / mask) if mask and anomalous else None,
+                )
+            )
+    return samples
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(child for child in folder.iterdir() if child.is_dir()) if folder.is_dir() else []
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(child for child in folder.iterdir() if child.suffix.lower() in IMAGE_SUFFIXES and child.is_file())
+
+
+def split_samples(samples: Iterable[Sample], split: str) -> list[Sample]:
+    """Keeps one split and refuses an empty one, naming the categories that have none."""
+    samples = list(samples)
+    chosen = [sample for sample in samples if sample.split == split]
+    categories = sorted({sample.category for sample in samples})
+    empty = sorted(set(categories) - {sample.category for sample in chosen})
+    if not chosen or empty:
+        raise DatasetError(f"empty {split} split for categories {empty or categories}: no {split} images found")
+    return chosen
+
+
+@dataclasses.dataclass
+class Validation:
+    """The usable samples and the bad ones skipped, each with the reason."""
+
+    samples: list[Sample]
+    skipped: list[dict[str, str]]
+
+
+def validate(samples: Sequence[Sample], on_bad_image: str = "error", workers: int = 8) -> Validation:
+    """Opens every image and mask once and checks it is usable, before any expensive work.
+
+    Args:
+        samples: samples to check.
+        on_bad_image: "error" raises `DatasetError` naming the first bad file; "skip" drops bad images and lists
+            them. A defective image without a usable mask always raises: its ground truth would be wrong.
+        workers: threads decoding in parallel (Pillow releases the GIL while decoding).
+    """
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    with ThreadPoolExecutor(workers) as pool:
+        problems = list(pool.map(_problem_of, samples))
+    kept, skipped = [], []
+    for sample, problem in zip(samples, problems, strict=True):
+        if problem is None:
+            kept.append(sample)
+            continue
+        path, reason, mask_problem = problem
+        if on_bad_image == "error" or mask_problem:
+            raise DatasetError(f"{path}: {reason}")
+        skipped.append({"image": path, "problem": reason})
+    return Validation(kept, skipped)
+
+
+def _problem_of(sample: Sample) -> tuple[str, str, bool] | None:
+    """Returns (file, problem, is_mask_problem) for a bad sample, None for a good one."""
+    try:
+        size = load_rgb(sample.image).shape[:2]
+    except (OSError, ValueError) as error:
+        return sample.image, f"unreadable image ({error})", False
+    if sample.label == 1 and sample.split == "test":
+        if sample.mask is None or not Path(sample.mask).exists():
+            return sample.mask or sample.image, "defective test image has no mask file", True
+        try:
+            mask_size = load_mask(sample.mask).shape
+        except (OSError, ValueError) as error:
+            return sample.mask, f"unreadable mask ({error})", True
+        if mask_size != size:
+            return sample.mask, f"mask size {mask_size[::-1]} differs from image size {size[::-1]} (W x H)", True
+    return None
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Decodes any Pillow-readable image to `(H, W, 3)` uint8 RGB.
+
+    Grayscale is replicated, palette images are expanded, alpha is composited onto black (a transparent pixel is
+    background, whatever colour it stores), and 16-bit or 32-bit integer images are scaled by their bit depth rather
+    than clipped at 255 as `Image.convert("RGB")` would.
+    """
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            values = np.asarray(image, dtype=np.float64)
+            scale = 65535.0 if image.mode != "I" or values.max() > 255 else 255.0
+            gray = np.clip(values / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=2)
+        if image.mode == "F":
+            values = np.asarray(image, dtype=np.float64)
+            scale = 1.0 if values.max() <= 1.0 else 255.0
+            gray = np.clip(values / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=2)
+        if image.mode == "P":
+            image = image.convert("RGBA")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+            return (rgba[..., :3] * (rgba[..., 3:] / 255.0) + 0.5).astype(np.uint8)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """Decodes a ground-truth mask to `(H, W)` bool: any channel above half of the mask's range is defect."""
+    with Image.open(path) as image:
+        values = np.asarray(image.convert("L") if image.mode not in ("L", "1", "I;16", "I") else image)
+    values = values.astype(np.float32)
+    return values > (values.max() / 2 if values.max() > 1 else 0.5)

@@ -1,0 +1,200 @@
+"""Ray Data ingest: sample rows → decoded, resized, normalized images → backbone features or scores, streamed.
+
+Two operators per pipeline, read like Ray's batch-inference examples: stateless decode tasks, then an actor pool
+(`compute=ActorPoolStrategy(...)`) in which each actor holds one backbone (on a GPU when the cluster has one) or one
+loaded artifact. The driver only ever iterates over the results (features, candidate vectors or scores), never the
+raw image set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+from ray.data import ActorPoolStrategy
+
+from methods.artifact import ModelSpec, load_artifact, read_config
+from pipelines.datasets import Sample, load_mask, load_rgb
+
+LEVEL_COLUMN = "level_{}"
+SAMPLE_COLUMNS = ("image", "category", "split", "label", "defect", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """How a pipeline spreads over the cluster: actor count and size, decode task size, batch size."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    decode_cpus: float
+    batch_size: int = 16
+
+    @property
+    def torch_threads(self) -> int:
+        """Intra-op threads for an actor: the CPUs it holds, so actors never oversubscribe their cores."""
+        return max(1, round(self.cpus_per_actor))
+
+
+def plan_resources(batch_size: int = 16) -> Resources:
+    """Sizes the actor pool from the cluster: one actor per GPU, else 2-CPU actors on three quarters of the CPUs."""
+    available = ray.cluster_resources()
+    cpus, gpus = float(available.get("CPU", 1)), int(available.get("GPU", 0))
+    if gpus:
+        return Resources(gpus, 1.0, 1.0, 0.5, batch_size)
+    if cpus <= 4:
+        return Resources(1, cpus * 0.75, 0.0, cpus * 0.25, batch_size)
+    return Resources(max(1, int(cpus * 0.75 // 2)), 2.0, 0.0, 0.5, batch_size)
+
+
+def sample_rows(samples: Sequence[Sample]) -> list[dict[str, Any]]:
+    """Sample dataclasses → Ray Data rows (no None: Arrow needs one type per column)."""
+    return [{**dataclasses.asdict(sample), "mask": sample.mask or ""} for sample in samples]
+
+
+def image_dataset(samples: Sequence[Sample], spec: ModelSpec, resources: Resources, masks: bool) -> ray.data.Dataset:
+    """Rows of decoded images `(3, S, S)` float32 normalized for the backbone, plus `(S, S)` uint8 masks if asked."""
+    if not samples:
+        raise ValueError("no images to process")
+    return ray.data.from_items(sample_rows(samples)).map_batches(
+        _decode_batch,
+        fn_kwargs={"spec": spec, "masks": masks},
+        batch_size=resources.batch_size,
+        num_cpus=resources.decode_cpus,
+    )
+
+
+def feature_dataset(samples: Sequence[Sample], spec: ModelSpec, resources: Resources) -> ray.data.Dataset:
+    """Rows with backbone features, one column per level (`level_0` finest, each `(C, h, w)` float32)."""
+    return image_dataset(samples, spec, resources, masks=False).map_batches(
+        _FeatureActor,
+        fn_constructor_kwargs={"spec": spec, "threads": resources.torch_threads},
+        batch_size=resources.batch_size,
+        compute=ActorPoolStrategy(min_size=1, max_size=resources.actors),
+        num_cpus=resources.cpus_per_actor,
+        num_gpus=resources.gpus_per_actor,
+    )
+
+
+def score_dataset(
+    model_dir: str, samples: Sequence[Sample], resources: Resources, masks: bool = False, threshold: float | None = None
+) -> ray.data.Dataset:
+    """Rows with `image_score`, `anomaly_map` `(S, S)` and per-image timings, scored by the artifact's `Scorer`."""
+    spec = load_spec(model_dir)
+    return image_dataset(samples, spec, resources, masks=masks).map_batches(
+        _ScoreActor,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "threads": resources.torch_threads},
+        batch_size=resources.batch_size,
+        compute=ActorPoolStrategy(min_size=1, max_size=resources.actors),
+        num_cpus=resources.cpus_per_actor,
+        num_gpus=resources.gpus_per_actor,
+    )
+
+
+def load_spec(model_dir: str) -> ModelSpec:
+    """The feature spec of an artifact, read from its config.json alone (no tensors loaded)."""
+    config = read_config(model_dir)
+    return ModelSpec(**{field.name: config[field.name] for field in dataclasses.fields(ModelSpec)})
+
+
+def preprocess(rgb: np.ndarray, spec: ModelSpec) -> torch.Tensor:
+    """`(H, W, 3)` uint8 → `(3, S, S)` float32: bilinear antialiased resize, then the backbone's normalization."""
+    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
+    image = F.interpolate(image, size=(spec.image_size, spec.image_size), mode="bilinear", antialias=True,
+                          align_corners=False)[0]
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    return (image.clamp(0.0, 1.0) - mean) / std
+
+
+def preprocess_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
+    """`(H, W)` bool → `(S, S)` uint8 0/1, resized nearest-neighbour so it stays binary."""
+    resized = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=(image_size, image_size), mode="nearest")
+    return (resized[0, 0] > 0.5).numpy().astype(np.uint8)
+
+
+def _decode_batch(batch: dict[str, np.ndarray], spec: ModelSpec, masks: bool) -> dict[str, np.ndarray]:
+    torch.set_num_threads(1)
+    images = []
+    for path in batch["image"]:
+        try:
+            images.append(preprocess(load_rgb(path), spec).numpy())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: cannot decode image ({error})") from error
+    batch["pixels"] = np.stack(images)
+    if masks:
+        size = spec.image_size
+        batch["gt_mask"] = np.stack(
+            [preprocess_mask(load_mask(path), size) if path else np.zeros((size, size), np.uint8)
+             for path in batch["mask"]]
+        )
+    return batch
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _FeatureActor:
+    """Holds one frozen backbone; turns image batches into per-level feature columns."""
+
+    def __init__(self, spec: ModelSpec, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.device = _device()
+        self.extractor = spec.extractor().to(self.device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        features = self.extractor(torch.from_numpy(batch.pop("pixels")).to(self.device))
+        for level, tensor in enumerate(features):
+            batch[LEVEL_COLUMN.format(level)] = tensor.float().cpu().numpy()
+        return batch
+
+
+class _ScoreActor:
+    """Holds one loaded, hash-verified artifact; scores image batches through `methods.scoring.Scorer`."""
+
+    def __init__(self, model_dir: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.scorer = load_artifact(model_dir).scorer(_device())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")
+        scored = self.scorer(torch.from_numpy(pixels))
+        count = len(pixels)
+        batch["image_score"] = scored.image_scores.numpy().astype(np.float64)
+        batch["anomaly_map"] = scored.anomaly_maps.numpy().astype(np.float32)
+        batch["extract_ms"] = np.full(count, 1000.0 * scored.extract_s / count)
+        batch["score_ms"] = np.full(count, 1000.0 * scored.score_s / count)
+        return batch
+
+
+def level_tensors(batch: dict[str, np.ndarray]) -> list[torch.Tensor]:
+    """The per-level feature tensors of a feature batch, finest level first."""
+    return [torch.from_numpy(batch[LEVEL_COLUMN.format(level)]) for level in range(_level_count(batch))]
+
+
+def _level_count(batch: dict[str, Any]) -> int:
+    count = 0
+    while LEVEL_COLUMN.format(count) in batch:
+        count += 1
+    if not count:
+        raise ValueError(f"batch has no feature columns; columns: {sorted(batch)}")
+    return count
+
+
+def progress(stage: str, done: int, total: int) -> None:
+    """One progress line per stage step, with counts (Ray Data's own bars show operator throughput)."""
+    width = len(str(total))
+    print(f"[reconray] {stage}: {done:>{width}}/{total} images ({100.0 * done / max(total, 1):.0f}%)", flush=True)
+
+
+def log_every(total: int) -> int:
+    """Progress granularity: about ten lines per stage."""
+    return max(1, math.ceil(total / 10))
