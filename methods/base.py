@@ -110,11 +110,14 @@ def resolve_options(method: str, defaults: dict[str, Any], options: dict[str, An
     return resolved
 
 
+_BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _cast_like(default: Any, value: Any, label: str) -> Any:
     if not isinstance(value, str) or isinstance(default, str):
         return value
     casters: dict[type, Callable[[str], Any]] = {
-        bool: lambda text: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()],
+        bool: lambda text: _BOOLEAN_WORDS[text.lower()],
         int: int,
         float: float,
     }

@@ -89,7 +89,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         metrics = evaluate_model(args.model, args.data, args.out, categories=_categories(args.categories),
                                  on_bad_image=args.on_bad_image)
-        print(f"[reconray] mean: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics["mean"].items()
+        print("[reconray] mean: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics["mean"].items()
                                               if isinstance(v, float)))
     elif args.command == "predict":
         from pipelines.evaluate import predict_images

@@ -43,7 +43,7 @@ def evaluate_model(
     on_bad_image: str = "error",
     resources: Resources | None = None,
 ) -> dict[str, Any]:
-    """Scores the test split of `data`, writes `metrics.json`, `report.md` and heatmaps to `out_dir`; returns metrics."""
+    """Scores the test split of `data`; writes `metrics.json`, `report.md` and heatmaps to `out_dir`."""
     config = read_config(model_dir)
     test = split_samples(discover(data, categories), "test")
     validation = validate(test, on_bad_image)
@@ -128,7 +128,8 @@ def predict_images(
     for batch in score_dataset(str(model_dir), samples, resources).iter_batches(batch_size=None,
                                                                                batch_format="numpy"):
         for row in range(len(batch["image"])):
-            image, score, anomaly_map = str(batch["image"][row]), float(batch["image_score"][row]), batch["anomaly_map"][row]
+            image, anomaly_map = str(batch["image"][row]), batch["anomaly_map"][row]
+            score = float(batch["image_score"][row])
             heatmap = _parent(out_dir / "heatmaps" / f"{len(by_image):04d}_{Path(image).stem}.png")
             render_overlay(load_rgb(image), anomaly_map, *heatmap_scale(threshold, anomaly_map)).save(heatmap)
             by_image[image] = {

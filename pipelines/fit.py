@@ -25,6 +25,7 @@ from methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_LEVEL
 from pipelines.datasets import Sample, discover, split_samples, validate
 from pipelines.ingest import (
     Resources,
+    as_tensor,
     feature_dataset,
     level_tensors,
     log_every,
@@ -139,7 +140,7 @@ def _fit_bank(method: BankMethod, samples: Sequence[Sample], spec: ModelSpec, re
     )
     candidates, total_vectors, done = [], 0, 0
     for batch in condensed.iter_batches(batch_size=None, batch_format="numpy"):
-        candidates.append(torch.from_numpy(batch["vectors"]))
+        candidates.append(as_tensor(batch["vectors"]))
         total_vectors += int(batch["patch_count"].sum())
         done += int((batch["patch_count"] > 0).sum())
         if done % log_every(len(samples)) < len(batch["patch_count"]) or done == len(samples):
@@ -163,7 +164,9 @@ def _condense_batch(batch: dict[str, np.ndarray], method_name: str, options: dic
     return {"vectors": candidates, "patch_count": patch_count}
 
 
-def cached_features(samples: Sequence[Sample], spec: ModelSpec, resources: Resources, cache_root: Path) -> ray.data.Dataset:
+def cached_features(
+    samples: Sequence[Sample], spec: ModelSpec, resources: Resources, cache_root: Path
+) -> ray.data.Dataset:
     """Backbone features of `samples`, extracted once and kept as Parquet shards keyed by backbone setting and files.
 
     Training methods read these every epoch instead of re-running the frozen backbone; a different backbone, level

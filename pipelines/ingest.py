@@ -105,7 +105,7 @@ def load_spec(model_dir: str) -> ModelSpec:
 
 def preprocess(rgb: np.ndarray, spec: ModelSpec) -> torch.Tensor:
     """`(H, W, 3)` uint8 → `(3, S, S)` float32: bilinear antialiased resize, then the backbone's normalization."""
-    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
+    image = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 255.0
     image = F.interpolate(image, size=(spec.image_size, spec.image_size), mode="bilinear", antialias=True,
                           align_corners=False)[0]
     mean = torch.tensor(spec.mean).view(3, 1, 1)
@@ -151,7 +151,7 @@ class _FeatureActor:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        features = self.extractor(torch.from_numpy(batch.pop("pixels")).to(self.device))
+        features = self.extractor(as_tensor(batch.pop("pixels")).to(self.device))
         for level, tensor in enumerate(features):
             batch[LEVEL_COLUMN.format(level)] = tensor.float().cpu().numpy()
         return batch
@@ -166,7 +166,7 @@ class _ScoreActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = batch.pop("pixels")
-        scored = self.scorer(torch.from_numpy(pixels))
+        scored = self.scorer(as_tensor(pixels))
         count = len(pixels)
         batch["image_score"] = scored.image_scores.numpy().astype(np.float64)
         batch["anomaly_map"] = scored.anomaly_maps.numpy().astype(np.float32)
@@ -177,7 +177,12 @@ class _ScoreActor:
 
 def level_tensors(batch: dict[str, np.ndarray]) -> list[torch.Tensor]:
     """The per-level feature tensors of a feature batch, finest level first."""
-    return [torch.from_numpy(batch[LEVEL_COLUMN.format(level)]) for level in range(_level_count(batch))]
+    return [as_tensor(batch[LEVEL_COLUMN.format(level)]) for level in range(_level_count(batch))]
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over a Ray Data column; read-only (zero-copy) arrays are copied once, since torch needs writable."""
+    return torch.from_numpy(np.require(array, requirements=["W", "C"]))
 
 
 def _level_count(batch: dict[str, Any]) -> int:

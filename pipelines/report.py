@@ -27,7 +27,9 @@ def colorize(values: np.ndarray) -> np.ndarray:
     return (colours * 255 + 0.5).astype(np.uint8)
 
 
-def render_overlay(rgb: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, alpha: float = 0.5) -> Image.Image:
+def render_overlay(
+    rgb: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, alpha: float = 0.5
+) -> Image.Image:
     """Blends the colour-coded anomaly map over the image (both `(S, S)`); `low`/`high` fix the colour scale."""
     if rgb.shape[:2] != anomaly_map.shape:
         rgb = np.asarray(Image.fromarray(rgb).resize(anomaly_map.shape[::-1], Image.BILINEAR))
