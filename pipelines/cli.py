@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (DatasetError, ArtifactError, ValueError, FileNotFoundError) as error:
+    except (DatasetError, ArtifactError, ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"reconray {args.command}: error: {error}", file=sys.stderr)
         return 2
 
