@@ -59,6 +59,20 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, type=Path)
     predict.add_argument("--threshold", type=float, help="override the model's calibrated threshold")
     predict.add_argument("images", nargs="+")
+
+    serve = commands.add_parser("serve", help="online scoring over HTTP with Ray Serve (blocks until Ctrl-C)")
+    serve.add_argument("--model", required=True, type=Path)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--min-replicas", type=int, help="default 1")
+    serve.add_argument("--max-replicas", type=int, help="default 2")
+    serve.add_argument("--threshold", type=float, help="override the model's calibrated threshold")
+    serve.add_argument("--max-batch-size", type=int, help="images per backbone batch (default 8 with a GPU, 1 on CPU)")
+    serve.add_argument("--batch-wait-s", type=float, help="longest wait for a batch to fill (default 0.01)")
+    serve.add_argument("--num-cpus", type=float, help="CPUs per replica, fractional allowed (default 1)")
+    serve.add_argument("--num-gpus", type=float, help="GPUs per replica, fractional allowed (default 0)")
+    serve.add_argument("--max-bytes", type=int, help="largest accepted upload in bytes (default 20000000)")
+    serve.add_argument("--max-side", type=int, help="largest accepted image side in pixels (default 8000)")
     return parser
 
 
@@ -96,6 +110,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         for prediction in predict_images(args.model, args.images, args.out, threshold=args.threshold):
             print(f"{prediction['image']}: score {prediction['score']:.4f} anomalous={prediction['is_anomalous']}")
+    elif args.command == "serve":
+        from pipelines.serve import ServeOptions, serve_model
+
+        settings = {
+            "threshold": args.threshold, "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+            "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
+            "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "max_bytes": args.max_bytes,
+            "max_side": args.max_side,
+        }
+        options = ServeOptions(model_dir=str(args.model), **{k: v for k, v in settings.items() if v is not None})
+        serve_model(options, host=args.host, port=args.port)
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -219,14 +220,32 @@ def _problem_of(sample: Sample) -> tuple[str, str, bool] | None:
     return None
 
 
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels a side than the caller accepts; raised before any pixel decodes."""
+
+
 def load_rgb(path: str | Path) -> np.ndarray:
-    """Decodes any Pillow-readable image to `(H, W, 3)` uint8 RGB.
+    """Decodes an image file to `(H, W, 3)` uint8 RGB by the rules of `decode_rgb`."""
+    return decode_rgb(path)
+
+
+def decode_rgb(source: bytes | str | Path, max_side: int | None = None) -> np.ndarray:
+    """Decodes any Pillow-readable image, given as a file path or as its encoded bytes, to `(H, W, 3)` uint8 RGB.
 
     Grayscale is replicated, palette images are expanded, alpha is composited onto black (a transparent pixel is
     background, whatever colour it stores), and 16-bit or 32-bit integer images are scaled by their bit depth rather
-    than clipped at 255 as `Image.convert("RGB")` would.
+    than clipped at 255 as `Image.convert("RGB")` would. Files and uploaded bytes share this one function, so a served
+    image decodes to exactly the pixels `reconray predict` sees.
+
+    Args:
+        source: a path, or the encoded bytes of an upload.
+        max_side: largest accepted width or height; checked from the header alone, so an oversized image is refused
+            (`ImageTooLargeError`) before its pixels take any memory. None accepts any size.
     """
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        if max_side is not None and max(image.size) > max_side:
+            width, height = image.size
+            raise ImageTooLargeError(f"image is {width}x{height} pixels; the limit is {max_side} pixels a side")
         image.load()
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
             values = np.asarray(image, dtype=np.float64)
@@ -249,6 +268,6 @@ def load_rgb(path: str | Path) -> np.ndarray:
 def load_mask(path: str | Path) -> np.ndarray:
     """Decodes a ground-truth mask to `(H, W)` bool: any channel above half of the mask's range is defect."""
     with Image.open(path) as image:
-        values = np.asarray(image.convert("L") if image.mode not in ("L", "1", "I;16", "I") else image)
+        values = np.asarray(image) if image.mode in ("L", "1", "I;16", "I") else np.asarray(image.convert("RGB")).max(2)
     values = values.astype(np.float32)
     return values > (values.max() / 2 if values.max() > 1 else 0.5)

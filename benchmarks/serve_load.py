@@ -1,0 +1,213 @@
+"""Load test of `reconray serve` on loopback: throughput and p50/p99 latency against in-process scoring of one model.
+
+Usage:
+    python benchmarks/serve_load.py [--model DIR --images PNG...] [--out runs/bench-serve] [--concurrency 1,8,32]
+                                    [--batch-sizes 1,8] [--requests 240] [--max-seconds 60] [--replica-cpus N]
+
+Without `--model`, a patchcore model (10% coreset) is fitted with `fit_model` on the synthetic "nut" category at
+256 px and its test images are the payloads. The same Ray process then
+1. scores the payloads in-process (decode + preprocess + `Scorer`, on as many torch threads as a replica gets), at
+   each batch size: the ceiling one replica could reach with no HTTP at all;
+2. for each `max_batch_size`, deploys the application (one replica holding `--replica-cpus`) and drives it with an
+   asyncio + httpx load generator at each concurrency: at most `--requests` requests and `--max-seconds` per level,
+   after a warm-up; payloads are PNG files sent round robin;
+3. scores in-process again, so drift in the machine's load between the start and the end shows in the numbers.
+Client, proxy and replica share the machine, as on a single-box deployment. On Linux it also reports the CPU time
+all of this run's processes (driver with the load generator, Ray, proxy, replica) spent per request, which, unlike
+throughput, does not depend on what else the machine is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from methods.artifact import load_artifact
+from pipelines.datasets import decode_rgb
+from pipelines.fit import fit_model
+from pipelines.ingest import preprocess
+from pipelines.serve import APP_NAME, build_app
+from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+
+WARMUP_REQUESTS = 8
+
+
+def _fit_default(out: Path) -> tuple[Path, list[Path]]:
+    data = make_synthetic_dataset(out / "data", SyntheticConfig(image_size=256, categories=("nut",)))
+    fitted = fit_model(data, "patchcore", out / "model", image_size=256, options={"coreset_ratio": 0.1})
+    return fitted.model_dir, sorted((data / "nut" / "test").glob("*/*.png"))
+
+
+def _process_tree_cpu_s() -> float | None:
+    """CPU seconds used so far by this process and all its descendants alive now (Linux /proc; None elsewhere)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    parents, times = {}, {}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        times[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(times.get(pid, 0.0) for pid in tree)
+
+
+def in_process(model_dir: Path, payloads: list[bytes], batch_size: int, threads: int, max_seconds: float) -> dict:
+    """Decode + preprocess + `Scorer` in this process, batched like a replica at full load: images/s, CPU ms/image."""
+    torch.set_num_threads(threads)
+    artifact = load_artifact(model_dir)
+    scorer = artifact.scorer("cuda" if torch.cuda.is_available() else "cpu")
+    scorer(torch.stack([preprocess(decode_rgb(payloads[0]), artifact.spec)]))
+    done, started, cpu_started = 0, time.perf_counter(), time.process_time()
+    while done < len(payloads) and time.perf_counter() - started < max_seconds:
+        chunk = payloads[done : done + batch_size]
+        scorer(torch.stack([preprocess(decode_rgb(payload), artifact.spec) for payload in chunk]))
+        done += len(chunk)
+    return {"throughput": done / (time.perf_counter() - started),
+            "cpu_ms": 1000.0 * (time.process_time() - cpu_started) / done}
+
+
+async def drive(url: str, payloads: list[bytes], concurrency: int, requests: int, max_seconds: float) -> dict:
+    """`concurrency` clients each posting the next payload as soon as their previous answer arrives."""
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120.0, limits=limits) as client:
+
+        async def post(index: int) -> tuple[float, bool]:
+            sent = time.perf_counter()
+            response = await client.post(url, content=payloads[index % len(payloads)],
+                                         headers={"Content-Type": "image/png"})
+            return time.perf_counter() - sent, response.status_code == 200
+
+        await asyncio.gather(*(post(index) for index in range(WARMUP_REQUESTS)))
+        started, cpu_started = time.perf_counter(), _process_tree_cpu_s()
+
+        async def worker() -> None:
+            nonlocal issued, errors
+            while issued < requests and time.perf_counter() - started < max_seconds:
+                issued += 1
+                latency, ok = await post(issued)
+                latencies.append(latency)
+                errors += not ok
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed, cpu_finished = time.perf_counter() - started, _process_tree_cpu_s()
+    milliseconds = 1000.0 * np.array(latencies)
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": elapsed,
+        "throughput": (len(latencies) - errors) / elapsed,
+        "p50_ms": float(np.percentile(milliseconds, 50)),
+        "p99_ms": float(np.percentile(milliseconds, 99)),
+        "cpu_ms": None if cpu_started is None else 1000.0 * (cpu_finished - cpu_started) / len(latencies),
+    }
+
+
+def _table(report: dict, batch_sizes: list[int], concurrencies: list[int]) -> list[str]:
+    reference = report["in_process_best"]
+    lines = [
+        f"in-process reference (best batch size, mean of start and end): {reference['throughput']:.2f} img/s, "
+        f"{reference['cpu_ms']:.1f} CPU ms/img",
+        "",
+        "| max_batch_size | concurrency | img/s | x in-process | p50 ms | p99 ms | CPU ms/req | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for batch_size in batch_sizes:
+        start, end = (report["in_process"][f"{when}, batch {batch_size}"] for when in ("start", "end"))
+        lines.append(f"| {batch_size} | in-process (start / end) | {start['throughput']:.2f} / {end['throughput']:.2f} "
+                     f"| | | | {start['cpu_ms']:.1f} / {end['cpu_ms']:.1f} | |")
+        for concurrency in concurrencies:
+            row = report["serve"][f"batch {batch_size}, concurrency {concurrency}"]
+            cpu = "n/a" if row["cpu_ms"] is None else f"{row['cpu_ms']:.1f}"
+            lines.append(f"| {batch_size} | {concurrency} | {row['throughput']:.2f} | "
+                         f"{row['throughput'] / reference['throughput']:.2f} | {row['p50_ms']:.0f} | "
+                         f"{row['p99_ms']:.0f} | {cpu} | {row['errors']} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="artifact to serve (default: fit patchcore on synthetic nut 256px)")
+    parser.add_argument("--images", type=Path, nargs="*", help="payload images (required with --model)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-serve"))
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--requests", type=int, default=240, help="requests per concurrency level")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="time bound per level")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs of the one replica (= torch threads)")
+    parser.add_argument("--max-ongoing-requests", type=int, help="per replica (default: the deployment's)")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    if args.model and not args.images:
+        parser.error("--images is required with --model")
+    concurrencies = [int(value) for value in args.concurrency.split(",")]
+    batch_sizes = [int(value) for value in args.batch_sizes.split(",")]
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    model_dir, images = (args.model, args.images) if args.model else _fit_default(args.out)
+    payloads = [path.read_bytes() for path in images]
+    threads = max(1, round(args.replica_cpus))
+    report: dict = {"command": " ".join(sys.argv), "model": str(model_dir), "images": len(payloads),
+                    "replica_cpus": args.replica_cpus, "torch_threads": threads, "cpu_count": os.cpu_count(),
+                    "load_average_start": os.getloadavg(), "in_process": {}, "serve": {}}
+
+    def measure_in_process(when: str) -> None:
+        for batch_size in batch_sizes:
+            result = in_process(model_dir, payloads * 4, batch_size, threads, args.max_seconds)
+            report["in_process"][f"{when}, batch {batch_size}"] = result
+            print(f"[bench] in-process {when} batch {batch_size}: {json.dumps(result)}", flush=True)
+
+    measure_in_process("start")
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    url = f"http://127.0.0.1:{args.port}/v1/score"
+    for batch_size in batch_sizes:
+        settings = {"model_dir": str(model_dir), "min_replicas": 1, "max_replicas": 1, "num_cpus": args.replica_cpus,
+                    "max_batch_size": batch_size, "max_ongoing_requests": args.max_ongoing_requests}
+        serve.run(build_app({key: value for key, value in settings.items() if value is not None}), name=APP_NAME)
+        for concurrency in concurrencies:
+            result = asyncio.run(drive(url, payloads, concurrency, args.requests, args.max_seconds))
+            report["serve"][f"batch {batch_size}, concurrency {concurrency}"] = result
+            print(f"[bench] serve batch {batch_size} concurrency {concurrency}: {json.dumps(result)}", flush=True)
+        serve.delete(APP_NAME)
+    serve.shutdown()
+    measure_in_process("end")
+
+    best = max(batch_sizes, key=lambda size: report["in_process"][f"start, batch {size}"]["throughput"]
+               + report["in_process"][f"end, batch {size}"]["throughput"])
+    report["in_process_best"] = {
+        key: float(np.mean([report["in_process"][f"{when}, batch {best}"][key] for when in ("start", "end")]))
+        for key in ("throughput", "cpu_ms")
+    } | {"batch_size": best}
+    report["load_average_end"] = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve_load.json").write_text(json.dumps(report, indent=2))
+    print(f"\nmodel {model_dir}; {report['cpu_count']} CPUs; replica {args.replica_cpus} CPUs, {threads} torch "
+          f"threads; load average {report['load_average_start'][0]:.1f} → {report['load_average_end'][0]:.1f}")
+    print("\n".join(_table(report, batch_sizes, concurrencies)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,530 @@
+"""RLR: reconstruct backbone features from a learnable reference, and score patches by how badly they reconstruct.
+
+Per feature level a small transformer rebuilds the features, but its attention never reads the input as keys: the
+keys come from a learnable *reference* (one token per grid position, randn init, in the backbone's channel space),
+so the model cannot learn the identity shortcut that lets plain reconstruction models rebuild anomalies too.
+Each layer mixes two attentions (`new = 2 LCA(x) + MLKA(x); x = LN(new); out = LN(x + FFN(x))`):
+
+- LCA, local cross-attention: query x, key = value = embedded reference, each position sees only the reference
+  tokens inside its local window (5x5 at 16x16, 7x7 at 32x32, 11x11 at 64x64, see `window_size`).
+- MLKA, masked long-range attention: query x, key = embedded reference, value = x, each position is blocked from
+  its own window, so it must borrow from normal context elsewhere in the image.
+
+LCA needs 49 of 1,024 reference tokens per position at 32x32, so it never builds the dense L x L problem: the grid
+is cut into 16x16 query tiles, each attending (fused `scaled_dot_product_attention`, small boolean mask) to just
+the block of reference tokens its windows can reach; and since the reference is the same for every image, its
+keys/values are projected once per forward and the queries of the whole batch share each block. MLKA runs through
+`scaled_dot_product_attention` with a boolean mask built once per grid size. `methods/rlr_reference.py` keeps the
+plain dense implementation as the test oracle; both load the same state_dict.
+
+Paper: "Learning Unified Reference Representation for Unsupervised Multi-class Anomaly Detection", ECCV 2024;
+authors' code: https://github.com/hlr7999/RLR.
+
+Example:
+    >>> method = RLR(epochs=5, d_model=64, layers=2, heads=4)   # CPU-sized setting
+    >>> method.fit(feature_batches)             # iterable of list[Tensor], one (B, C_l, H_l, W_l) per level
+    >>> patch_scores = method.score(features)   # (B, H0, W0)
+
+Defaults follow the reference (d_model 256 at the finest level, 512 at the next, 8 heads, 4 layers, Adam 1e-4,
+batch 4, 200 epochs, jitter 4). On a CPU, `d_model=64, layers=2, heads=4, epochs=5` trains in minutes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import AnomalyMethod, MethodState, register_method
+
+Grid = tuple[int, int]
+
+
+def window_size(grid: int) -> int:
+    """Side of the local window for a grid side: the largest odd number <= 11/8 * sqrt(grid), at least 3.
+
+    The formula reproduces the reference's table exactly (16 -> 5, 32 -> 7, 64 -> 11) and grows with the grid
+    like the reference does, so other input sizes keep a comparable receptive field (8 -> 3, 14 -> 5, 28 -> 7,
+    128 -> 15). Integer arithmetic keeps it free of float rounding: floor(sqrt(121 g / 64)) = isqrt(121 g // 64).
+    """
+    if grid < 1:
+        raise ValueError(f"grid side must be >= 1, got {grid}")
+    side = math.isqrt(121 * grid // 64)
+    if side % 2 == 0:
+        side -= 1
+    return max(3, side)
+
+
+def check_grid(grid: Sequence[int]) -> Grid:
+    """Returns `grid` as `(height, width)` after checking that MLKA leaves every position something to attend to."""
+    height, width = (int(side) for side in grid)
+    if height < 1 or width < 1:
+        raise ValueError(f"grid {height}x{width} must have positive sides")
+    if height <= window_size(height) // 2 + 1 and width <= window_size(width) // 2 + 1:
+        raise ValueError(
+            f"grid {height}x{width} is too small: a {window_size(height)}x{window_size(width)} window covers the whole "
+            f"grid for some position, leaving MLKA nothing to attend to (need a side of at least 4)"
+        )
+    return height, width
+
+
+@functools.cache
+def local_window_mask(height: int, width: int) -> torch.Tensor:
+    """Returns `(L, L)` bool, True where key position j lies inside the local window of query position i.
+
+    Windows are clipped at the grid border (not shifted), as in the reference. Cached per grid size; callers must
+    not modify the returned tensor.
+    """
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    near_rows = (rows[:, None] - rows[None, :]).abs() <= window_size(height) // 2
+    near_cols = (cols[:, None] - cols[None, :]).abs() <= window_size(width) // 2
+    return near_rows & near_cols
+
+
+LCA_TILE = 16
+"""Side of the query tiles LCA processes together: long enough blocks for the fused attention kernels, small
+enough that a 64x64 grid reads only 26x26 = 676 of 4,096 reference tokens per tile (at 16x16 a tile is the grid)."""
+
+
+class WindowBlocks(NamedTuple):
+    """How LCA cuts a grid into query tiles, each with the block of reference tokens its windows can reach.
+
+    Attributes:
+        queries: `(T, Q)` flat position of each tile slot; slots past the grid edge repeat a real position.
+        keys: `(T, S)` flat positions of the reference block each tile reads (every one inside the grid).
+        allowed: `(T, Q, S)` True where a slot's window contains the key; padding slots may see the whole block
+            (their output is dropped), so no row is empty.
+        slot: `(L,)` index into the flattened `(T * Q)` slots where each grid position's output lands.
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    allowed: torch.Tensor
+    slot: torch.Tensor
+
+
+def _axis_blocks(size: int, half: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile along one axis: query coordinates `(n, t)` (may run past the edge) and key coordinates `(n, s)`.
+
+    The key span `s = min(t + 2 half, size)` is slid inward at the borders instead of padded, so every key is a
+    real position and still covers the windows of all the tile's queries.
+    """
+    tile = min(tile, size)
+    span = min(tile + 2 * half, size)
+    starts = torch.arange(0, size, tile)
+    queries = starts[:, None] + torch.arange(tile)
+    key_starts = (starts - half).clamp(0, size - span)
+    return queries, key_starts[:, None] + torch.arange(span)
+
+
+@functools.cache
+def window_blocks(height: int, width: int, tile: int = LCA_TILE) -> WindowBlocks:
+    """Returns the LCA tiling of a `height x width` grid (see `WindowBlocks`); cached per grid size."""
+    half_h, half_w = window_size(height) // 2, window_size(width) // 2
+    query_rows, key_rows = _axis_blocks(height, half_h, tile)
+    query_cols, key_cols = _axis_blocks(width, half_w, tile)
+    tiles = len(query_rows) * len(query_cols)
+    # Tile (a, b) holds queries query_rows[a] x query_cols[b] and keys key_rows[a] x key_cols[b], flattened row-major.
+    q_rows = query_rows[:, None, :, None].expand(-1, len(query_cols), -1, query_cols.shape[1]).reshape(tiles, -1)
+    q_cols = query_cols[None, :, None, :].expand(len(query_rows), -1, query_rows.shape[1], -1).reshape(tiles, -1)
+    k_rows = key_rows[:, None, :, None].expand(-1, len(key_cols), -1, key_cols.shape[1]).reshape(tiles, -1)
+    k_cols = key_cols[None, :, None, :].expand(len(key_rows), -1, key_rows.shape[1], -1).reshape(tiles, -1)
+    real = (q_rows < height) & (q_cols < width)
+    in_window = ((q_rows[:, :, None] - k_rows[:, None, :]).abs() <= half_h) & (
+        (q_cols[:, :, None] - k_cols[:, None, :]).abs() <= half_w
+    )
+    slot = torch.empty(height * width, dtype=torch.long)
+    slot[(q_rows * width + q_cols)[real]] = torch.nonzero(real.flatten())[:, 0]
+    return WindowBlocks(
+        queries=q_rows.clamp(max=height - 1) * width + q_cols.clamp(max=width - 1),
+        keys=k_rows * width + k_cols,
+        allowed=in_window | ~real[:, :, None],
+        slot=slot,
+    )
+
+
+def sincos_position_code(d_model: int, height: int, width: int) -> torch.Tensor:
+    """Returns the fixed 2D sin-cos position code `(L, d_model)`: first half encodes the column, second the row."""
+    if d_model % 4:
+        raise ValueError(f"d_model must be a multiple of 4 for a 2D sin-cos code, got {d_model}")
+    half = d_model // 2
+    frequencies = torch.exp(torch.arange(0, half, 2, dtype=torch.float64) * -(math.log(1e4) / half))
+    col_angles = torch.arange(width, dtype=torch.float64)[:, None] * frequencies  # (W, half/2)
+    row_angles = torch.arange(height, dtype=torch.float64)[:, None] * frequencies  # (H, half/2)
+    code = torch.zeros(height, width, d_model, dtype=torch.float64)
+    code[:, :, 0:half:2] = torch.sin(col_angles)[None]
+    code[:, :, 1:half:2] = torch.cos(col_angles)[None]
+    code[:, :, half::2] = torch.sin(row_angles)[:, None]
+    code[:, :, half + 1 :: 2] = torch.cos(row_angles)[:, None]
+    return code.reshape(height * width, d_model).float()
+
+
+def token_embedding(channels: int, d_model: int) -> nn.Conv1d:
+    """A 1x1 convolution from backbone channels to d_model, initialised like the reference (Kaiming, fan-in)."""
+    conv = nn.Conv1d(channels, d_model, kernel_size=1)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="leaky_relu")
+    return conv
+
+
+class _ReferenceAttention(nn.Module):
+    """Multi-head attention whose keys come from the reference, stored like `nn.MultiheadAttention`.
+
+    The parameter names and shapes (`in_proj_weight`, `in_proj_bias`, `out_proj`) match `nn.MultiheadAttention`,
+    so the oracle in `methods/rlr_reference.py` loads the same state_dict. Several reference chunks
+    (`ref_len > 1`) are attended separately and their outputs summed, as in the reference; since the reference
+    projects each chunk's output (with its bias) before summing, the summed output gets the bias once per chunk.
+    """
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _projections(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Returns the (weight, bias) of the query, key and value projections.
+
+        One `chunk` per forward, all three parts used: its backward then writes the gradients in a single
+        concatenation, where separate slices would each allocate and zero a full-size gradient.
+        """
+        return list(zip(self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3), strict=True))
+
+    def _heads(self, tokens: torch.Tensor, projection: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Projects `(..., L, d)` into `(..., heads, L, d / heads)`."""
+        return F.linear(tokens, *projection).unflatten(-1, (self.heads, -1)).transpose(-3, -2)
+
+    def _merge(self, heads_out: torch.Tensor, chunks: int) -> torch.Tensor:
+        """Merges `(B, heads, L, dh)`, the sum over `chunks` reference chunks, into `(B, L, d)` through out_proj."""
+        merged = heads_out.transpose(1, 2).flatten(2)
+        return F.linear(merged, self.out_proj.weight) + chunks * self.out_proj.bias
+
+
+class _LocalCrossAttention(_ReferenceAttention):
+    """LCA: each position attends to the reference tokens inside its own window, computed tile by tile.
+
+    Keys and values both come from the reference, which every image shares, so the queries of all images in the
+    batch are stacked against one gathered key block per tile and per reference chunk: attention runs over
+    `(R*T, heads, B*Q, S)` blocks with a small boolean mask, never over the dense L x L grid.
+    """
+
+    def __init__(self, d_model: int, heads: int, grid: Grid) -> None:
+        super().__init__(d_model, heads)
+        blocks = window_blocks(*grid)
+        self.register_buffer("block_queries", blocks.queries, persistent=False)
+        self.register_buffer("block_keys", blocks.keys, persistent=False)
+        self.register_buffer("block_allowed", blocks.allowed[:, None], persistent=False)  # (T, 1, Q, S)
+        self.register_buffer("block_slot", blocks.slot, persistent=False)
+
+    def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """x `(B, L, d)`, reference `(R, L, d)` (R chunks) -> `(B, L, d)`."""
+        batch, chunks = x.shape[0], reference.shape[0]
+        tiles, slots = self.block_queries.shape
+        to_query, to_key, to_value = self._projections()
+        query = self._heads(x, to_query)[:, :, self.block_queries]  # (B, h, T, Q, dh)
+        query = query.permute(2, 1, 0, 3, 4).flatten(2, 3)  # (T, h, B*Q, dh)
+        keys = self._heads(reference, to_key)[:, :, self.block_keys].transpose(1, 2).flatten(0, 1)  # (R*T, h, S, dh)
+        values = self._heads(reference, to_value)[:, :, self.block_keys].transpose(1, 2).flatten(0, 1)
+        allowed = self.block_allowed[:, :, None].expand(-1, -1, batch, -1, -1).flatten(2, 3)  # (T, 1, B*Q, S)
+        heads_out = F.scaled_dot_product_attention(
+            query.expand(chunks, *query.shape).flatten(0, 1),
+            keys,
+            values,
+            attn_mask=allowed.expand(chunks, *allowed.shape).flatten(0, 1),
+        )  # (R*T, h, B*Q, dh)
+        heads_out = heads_out.unflatten(0, (chunks, tiles)).sum(dim=0).unflatten(2, (batch, slots))
+        heads_out = heads_out.permute(2, 1, 0, 3, 4).flatten(2, 3)[:, :, self.block_slot]  # (B, h, L, dh)
+        return self._merge(heads_out, chunks)
+
+
+class _LongRangeAttention(_ReferenceAttention):
+    """MLKA: query x, key = reference, value = x; each position is blocked from its own window."""
+
+    def __init__(self, d_model: int, heads: int, grid: Grid) -> None:
+        super().__init__(d_model, heads)
+        self.register_buffer("allowed", ~local_window_mask(*grid), persistent=False)
+
+    def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """x `(B, L, d)`, reference `(R, L, d)` -> `(B, L, d)`."""
+        batch, chunks = x.shape[0], reference.shape[0]
+        to_query, to_key, to_value = self._projections()
+        query = self._heads(x, to_query)[:, None]  # (B, 1, h, L, dh)
+        keys = self._heads(reference, to_key)[None]  # (1, R, h, L, dh)
+        values = self._heads(x, to_value)[:, None]
+        shape = (batch, chunks, *query.shape[2:])
+        heads_out = F.scaled_dot_product_attention(
+            query.expand(shape).flatten(0, 1),
+            keys.expand(shape).flatten(0, 1),
+            values.expand(shape).flatten(0, 1),
+            attn_mask=self.allowed,
+        )
+        return self._merge(heads_out.unflatten(0, (batch, chunks)).sum(dim=1), chunks)
+
+
+class _EncoderLayer(nn.Module):
+    """One RLR layer: `x = LN(2 LCA(x) + MLKA(x)); out = LN(x + FFN(x))` (no residual from the input: by design)."""
+
+    def __init__(self, d_model: int, heads: int, grid: Grid) -> None:
+        super().__init__()
+        self.lca = _LocalCrossAttention(d_model, heads, grid)
+        self.mlka = _LongRangeAttention(d_model, heads, grid)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(2 * self.lca(x, reference) + self.mlka(x, reference))
+        return self.norm2(x + self.ffn(x))
+
+
+class _LevelReconstructor(nn.Module):
+    """Reconstructs one backbone level `(B, C, H, W)` from its learnable reference."""
+
+    def __init__(self, channels: int, grid: Grid, d_model: int, heads: int, layers: int, ref_len: int) -> None:
+        super().__init__()
+        height, width = grid
+        self.reference = nn.Parameter(torch.randn(1, ref_len * height * width, channels))
+        self.input_embed = token_embedding(channels, d_model)
+        self.reference_embed = token_embedding(channels, d_model)
+        self.register_buffer("position_code", sincos_position_code(d_model, height, width), persistent=False)
+        self.layers = nn.ModuleList(_EncoderLayer(d_model, heads, grid) for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.projection = nn.Linear(d_model, channels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = features.shape
+        x = self.input_embed(features.flatten(2)).transpose(1, 2) + self.position_code
+        reference = self.reference_embed(self.reference.transpose(1, 2)).transpose(1, 2)
+        reference = reference.reshape(-1, height * width, reference.shape[-1]) + self.position_code  # (R, L, d)
+        for layer in self.layers:
+            x = layer(x, reference)
+        return self.projection(self.norm(x)).transpose(1, 2).reshape(batch, channels, height, width)
+
+
+def _check_architecture(channels: Sequence[int], grids: Sequence[Sequence[int]], d_model: int, heads: int) -> None:
+    """Fails early, naming the values, instead of deep inside a reshape."""
+    if not channels or len(channels) != len(grids):
+        raise ValueError(f"need one grid per level: got {len(channels)} channel counts and {len(grids)} grids")
+    if heads < 1 or d_model < 1 or d_model % heads:
+        raise ValueError(f"d_model {d_model} must be a positive multiple of heads {heads}")
+
+
+class RLRModel(nn.Module):
+    """One reconstructor per backbone level; level l has width `d_model * 2**l` (reference: 256, 512).
+
+    Args:
+        channels: backbone channels per level, finest first.
+        grids: `(H, W)` per level, finest first; the windows and position codes are built for these sizes.
+        d_model: width of the finest level, a multiple of 4 and of `heads`.
+        heads: attention heads.
+        layers: encoder layers per level.
+        ref_len: reference chunks per position (reference default 1).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        grids: Sequence[Sequence[int]],
+        d_model: int = 256,
+        heads: int = 8,
+        layers: int = 4,
+        ref_len: int = 1,
+    ) -> None:
+        super().__init__()
+        _check_architecture(channels, grids, d_model, heads)
+        if layers < 1 or ref_len < 1:
+            raise ValueError(f"layers ({layers}) and ref_len ({ref_len}) must be >= 1")
+        self.grids = [check_grid(grid) for grid in grids]
+        self.levels = nn.ModuleList(
+            _LevelReconstructor(c, grid, d_model * 2**level, heads, layers, ref_len)
+            for level, (c, grid) in enumerate(zip(channels, self.grids, strict=True))
+        )
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Returns the reconstruction of every level, each with the shape of its input."""
+        check_features(features, [level.reference.shape[-1] for level in self.levels], self.grids)
+        return [level(level_features) for level, level_features in zip(self.levels, features, strict=True)]
+
+
+def check_features(features: Sequence[torch.Tensor], channels: Sequence[int], grids: Sequence[Grid]) -> None:
+    """Raises a clear error when per-level features do not match the channels and grids a model was built for."""
+    if len(features) != len(channels):
+        raise ValueError(f"expected {len(channels)} feature levels, got {len(features)}")
+    for level, (tensor, c, grid) in enumerate(zip(features, channels, grids, strict=True)):
+        if tensor.ndim != 4 or tensor.shape[1] != c or tuple(tensor.shape[2:]) != tuple(grid):
+            raise ValueError(
+                f"level {level}: expected features (B, {c}, {grid[0]}, {grid[1]}), got {tuple(tensor.shape)}"
+            )
+
+
+def add_jitter(features: torch.Tensor, scale: float) -> torch.Tensor:
+    """Adds Gaussian noise to every token, scaled by the token's L2 norm / channels x `scale` (reference recipe)."""
+    token_norm = features.norm(dim=1, keepdim=True) / features.shape[1]
+    return features + torch.randn_like(features) * token_norm * scale
+
+
+def rlr_loss(model: nn.Module, features: Sequence[torch.Tensor], jitter_scale: float) -> torch.Tensor:
+    """Training loss: reconstruct the clean features from jittered ones; MSE + (1 - cosine), summed over levels."""
+    noisy = [add_jitter(level_features, jitter_scale) for level_features in features]
+    loss = features[0].new_zeros(())
+    for target, output in zip(features, model(noisy), strict=True):
+        output = output.float()
+        loss = loss + F.mse_loss(output, target) + (1 - F.cosine_similarity(output, target, dim=1)).mean()
+    return loss
+
+
+def token_scores(features: Sequence[torch.Tensor], reconstructions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per token `mean_c (f - o)^2 + (1 - cos(f, o))`, each level upsampled to the finest grid, levels averaged."""
+    finest = features[0].shape[-2:]
+    maps = []
+    for target, output in zip(features, reconstructions, strict=True):
+        output = output.float()
+        level_map = (target - output).pow(2).mean(dim=1) + 1 - F.cosine_similarity(target, output, dim=1)
+        maps.append(F.interpolate(level_map[:, None], size=finest, mode="bilinear", align_corners=False)[:, 0])
+    return torch.stack(maps).mean(dim=0)
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    """CUDA when it is present and wanted, else CPU; decided at run time so one artifact runs anywhere."""
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def autocast_for(device: torch.device) -> AbstractContextManager[Any]:
+    """Mixed precision on GPU only (bfloat16, which needs no loss scaling); CPU stays in float32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam as in the reference, fused: the per-parameter loop costs ~9x more on CPU for RLR's ~21M parameters."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, features: Sequence[torch.Tensor], jitter_scale: float
+) -> float:
+    """One optimisation step on a batch of clean features (fresh jitter each call); returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_for(features[0].device):
+        loss = rlr_loss(model, features, jitter_scale)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@register_method
+class RLR(AnomalyMethod):
+    """Learnable-reference reconstruction; one model for every category (the unified, multi-class setting).
+
+    Options (`--set key=value`): epochs, lr, batch_size (per worker), layers, d_model (finest level; doubled per
+    coarser level), heads, ref_len, jitter (feature-jitter scale), num_workers and cpus_per_worker (Ray Train),
+    use_gpu (CUDA when available), checkpoint_every (epochs), max_failures (worker failures Ray Train recovers
+    from), seed. Defaults are the reference's; a CPU-sized run is `d_model=64 layers=2 heads=4 epochs=5`.
+    """
+
+    name: ClassVar[str] = "rlr"
+    defaults: ClassVar[dict[str, Any]] = {
+        "epochs": 200,
+        "lr": 1e-4,
+        "batch_size": 4,
+        "layers": 4,
+        "d_model": 256,
+        "heads": 8,
+        "ref_len": 1,
+        "jitter": 4.0,
+        "num_workers": 1,
+        "cpus_per_worker": 1.0,
+        "use_gpu": True,
+        "checkpoint_every": 10,
+        "max_failures": 3,
+        "seed": 0,
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.model: RLRModel | None = None
+        self.device = pick_device(self.options["use_gpu"])
+        self.info: dict[str, Any] = {}
+
+    def build_model(self, channels: Sequence[int], grids: Sequence[Sequence[int]]) -> RLRModel:
+        """Returns a freshly initialised model for these levels (seeded, so every Ray worker starts alike)."""
+        torch.manual_seed(self.options["seed"])
+        return RLRModel(
+            channels,
+            grids,
+            d_model=self.options["d_model"],
+            heads=self.options["heads"],
+            layers=self.options["layers"],
+            ref_len=self.options["ref_len"],
+        )
+
+    def fit(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
+        """Trains in this process on all batches (held in memory; they are reused every epoch with fresh jitter).
+
+        The distributed, resumable path is `pipelines.train_rlr.train_rlr`; this loop serves small runs and tests.
+        """
+        levels = [list(level) for level in zip(*feature_batches, strict=True)]
+        if not levels:
+            raise ValueError("rlr: no training features to fit on (empty training split?)")
+        features = [torch.cat(level).float() for level in levels]
+        model = self.build_model([f.shape[1] for f in features], [tuple(f.shape[2:]) for f in features])
+        model.to(self.device).train()
+        optimizer = make_optimizer(model, self.options["lr"])
+        generator = torch.Generator().manual_seed(self.options["seed"])
+        count, batch_size = features[0].shape[0], self.options["batch_size"]
+        epoch_losses, start = [], time.perf_counter()
+        for _ in range(self.options["epochs"]):
+            order = torch.randperm(count, generator=generator)
+            losses = []
+            for begin in range(0, count, batch_size):
+                batch = [f[order[begin : begin + batch_size]].to(self.device) for f in features]
+                losses.append(train_step(model, optimizer, batch, self.options["jitter"]) * len(batch[0]))
+            epoch_losses.append(sum(losses) / count)
+        self.model = model.eval()
+        self.info = {"epoch": len(epoch_losses), "epoch_losses": epoch_losses, "fit_s": time.perf_counter() - start}
+
+    def score(self, features: list[torch.Tensor]) -> torch.Tensor:
+        if self.model is None:
+            raise RuntimeError("rlr: score() called before fit() or from_state()")
+        model = self.model.eval()
+        inputs = [level.to(self.device, torch.float32) for level in features]
+        with torch.no_grad(), autocast_for(self.device):
+            reconstructions = model(inputs)
+        return token_scores(inputs, reconstructions).to(features[0].device)
+
+    def state(self) -> MethodState:
+        if self.model is None:
+            raise RuntimeError("rlr: state() called before fit()")
+        options = dict(self.options)
+        options["channels"] = [level.reference.shape[-1] for level in self.model.levels]
+        options["grids"] = [list(grid) for grid in self.model.grids]
+        tensors = {key: value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
+        return MethodState(options=options, tensors=tensors, info=dict(self.info))
+
+    @classmethod
+    def from_state(cls, state: MethodState) -> RLR:
+        options = dict(state.options)
+        channels, grids = options.pop("channels"), options.pop("grids")
+        method = cls(**options)
+        model = method.build_model(channels, grids)
+        model.load_state_dict(state.tensors)
+        method.model = model.to(method.device).eval()
+        method.info = dict(state.info)
+        return method
+
+    def to(self, device: torch.device | str) -> RLR:
+        self.device = torch.device(device)
+        if self.model is not None:
+            self.model.to(self.device)
+        return self

@@ -1,0 +1,441 @@
+"""Online scoring with Ray Serve: a FastAPI ingress whose replicas each hold one loaded artifact and batch inference.
+
+A request travels: HTTP → Serve proxy → a replica, which reads the body under a byte cap, then decodes, validates
+and preprocesses it in a thread pool, on its own, so one bad upload fails alone with a 4xx and never reaches (or
+poisons) a batch. `@serve.batch` gathers the concurrent requests of a replica into one `methods.scoring.Scorer` call,
+which runs in the replica's model thread while the event loop keeps accepting and decoding the next uploads.
+Decoding is `datasets.decode_rgb` and preprocessing `ingest.preprocess`, the functions `reconray predict` uses, so a
+served score equals the predicted one for the same image scored alone (see README "Serving" for batching).
+
+Replicas autoscale between `min_replicas` and `max_replicas` on ongoing requests; each one verifies the artifact's
+hashes when it loads it and runs torch on as many threads as it holds CPUs.
+
+Example:
+    $ reconray serve --model runs/latest/models/patchcore
+    $ curl -s -H "Content-Type: image/png" --data-binary @part.png "http://127.0.0.1:8000/v1/score?heatmap=true"
+    $ serve run pipelines.serve:build_app model_dir=runs/latest/models/patchcore max_replicas=4
+"""
+
+# No `from __future__ import annotations`: FastAPI resolves the route signatures of a Serve ingress class at run
+# time, and postponed annotations leave `Request` an unresolvable string there.
+import asyncio
+import base64
+import dataclasses
+import io
+import math
+import struct
+import time
+import zlib
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from methods.artifact import load_artifact, read_config
+from pipelines.datasets import ImageTooLargeError, decode_rgb
+from pipelines.ingest import preprocess
+from pipelines.report import heatmap_scale, render_overlay
+from pipelines.runtime import ensure_ray
+
+APP_NAME = "reconray"
+DEFAULT_MAX_BYTES = 20_000_000
+"""Largest accepted image upload (20 MB): larger bodies get a 413 before they are read in full."""
+DEFAULT_MAX_SIDE = 8000
+"""Largest accepted width or height in pixels, checked from the image header before decoding."""
+GPU_BATCH_SIZE = 8
+"""Default `max_batch_size` of a replica with a GPU; CPU replicas default to 1."""
+MULTIPART_OVERHEAD = 64 * 1024
+"""Room for multipart boundaries and part headers on top of the image byte limit."""
+RAW_MEDIA_TYPES = "image/* or application/octet-stream (raw bytes), or multipart/form-data with a file field 'image'"
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error)
+"""What Pillow raises on corrupt, truncated or unknown data, depending on the format plugin."""
+
+
+class ServeOptions(BaseModel):
+    """Deployment settings: the arguments of `build_app`, of `serve run pipelines.serve:build_app key=value ...` and
+    of a RayService `args:` block. Strings from the command line are converted and range-checked here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_dir: str = Field(description="artifact directory written by `reconray fit`")
+    threshold: float | None = Field(None, description="deployment threshold; default: the artifact's calibrated one")
+    min_replicas: int = Field(1, ge=1, le=1024)
+    max_replicas: int = Field(2, ge=1, le=1024)
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="autoscaling target per replica; default: one full batch, at least 2 (one being "
+                                "scored while the next is decoded)"
+    )
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="requests a replica holds at once; default: 32, at least 2 x max_batch_size"
+    )
+    max_batch_size: int | None = Field(
+        None, ge=1, le=256, description=f"images per backbone pass; default: {GPU_BATCH_SIZE} with a GPU per replica, "
+                                        "1 on CPU, where batching measured slower (benchmarks/RESULTS.md)"
+    )
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+    num_cpus: float = Field(1.0, gt=0.0, le=1024.0, description="CPUs per replica, fractional allowed")
+    num_gpus: float = Field(0.0, ge=0.0, le=16.0, description="GPUs per replica, fractional allowed")
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
+    max_side: int = Field(DEFAULT_MAX_SIDE, ge=1, le=65535)
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size in effect: the one given, else the device default."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return GPU_BATCH_SIZE if self.num_gpus > 0 else 1
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeOptions":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be a finite number, got {self.threshold}")
+        return self
+
+
+class ModelRef(BaseModel):
+    method: str
+    sha256: str = Field(description="sha256 of the artifact's config.json, which lists the hash of every other file")
+
+
+class ScoreResponse(BaseModel):
+    score: float = Field(description="image anomaly score: the maximum of the smoothed anomaly map")
+    is_anomalous: bool | None = Field(description="score > threshold; null when there is no threshold")
+    threshold: float | None
+    model: ModelRef
+    latency_ms: float = Field(description="time in the replica: read, decode, batch wait, scoring, heatmap")
+    heatmap_png: str | None = Field(None, description="with ?heatmap=true: base64 PNG overlay at the model's size")
+    heatmap_size: list[int] | None = Field(None, description="[height, width] of the overlay")
+    patch_map_size: list[int] | None = Field(None, description="[height, width] of the patch-level score grid")
+
+
+class HealthResponse(BaseModel):
+    status: str
+    replica: str
+    model: ModelRef
+
+
+class ModelInfo(BaseModel):
+    method: str
+    backbone: str
+    levels: list[int]
+    image_size: int
+    threshold: float | None = Field(description="threshold in use by this deployment")
+    calibrated_threshold: float | None = Field(description="threshold stored in the artifact at fit time")
+    categories: list[str]
+    sha256: str
+    device: str
+    torch_threads: int = Field(description="intra-op threads of this replica: the CPUs it holds")
+    max_batch_size: int
+    max_bytes: int
+    max_side: int
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+class _Rejected(Exception):
+    """A request refused with a 4xx status and a message that says what was wrong and what is accepted."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+app = FastAPI(
+    title="reconray",
+    description="Industrial visual anomaly scoring: POST an image, get its anomaly score and, optionally, a heatmap.",
+    version="1",
+)
+
+
+@app.exception_handler(_Rejected)
+async def _rejected(_: Request, error: _Rejected) -> JSONResponse:
+    return JSONResponse({"error": error.message}, status_code=error.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors())
+    return JSONResponse({"error": problems}, status_code=422)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+
+
+_SCORE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": f"the image, at most {DEFAULT_MAX_BYTES} bytes and {DEFAULT_MAX_SIDE} pixels a side "
+                       "(deployment defaults)",
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["image"],
+                           "properties": {"image": {"type": "string", "format": "binary"}}}
+            },
+        },
+    }
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "empty body, or bytes that are not a decodable image"},
+    413: {"model": ErrorResponse, "description": "body or image dimensions over the deployment's limits"},
+    415: {"model": ErrorResponse, "description": f"content type other than {RAW_MEDIA_TYPES}"},
+    422: {"model": ErrorResponse, "description": "invalid query parameter"},
+}
+
+
+@dataclasses.dataclass
+class _Upload:
+    """A decoded, validated upload: the model input, and the image at model size when a heatmap was asked for."""
+
+    pixels: torch.Tensor
+    overlay_rgb: np.ndarray | None
+
+
+@dataclasses.dataclass
+class _Scored:
+    score: float
+    anomaly_map: np.ndarray
+    patch_map_size: list[int]
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """Reads the body, refusing it (413) as soon as the declared or the received length passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _Rejected(413, f"body is {declared} bytes; the limit is {limit} bytes")
+    chunks, received = [], 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise _Rejected(413, f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _multipart_image(request: Request, body: bytes) -> bytes:
+    """The bytes of the multipart file field `image`, parsed from an already size-capped body."""
+
+    async def _once() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, _once(), max_files=1, max_fields=16).parse()
+    except MultiPartException as error:
+        raise _Rejected(400, f"malformed multipart body: {error.message}") from error
+    try:
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise _Rejected(400, f"multipart body has no file field 'image' (fields: {sorted(form.keys())})")
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+def _overlay_png(rgb: np.ndarray, anomaly_map: np.ndarray, threshold: float | None) -> str:
+    """Base64 PNG of the heatmap overlay, coloured on the scale `reconray predict` uses."""
+    buffer = io.BytesIO()
+    render_overlay(rgb, anomaly_map, *heatmap_scale(threshold, anomaly_map)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# Everything the routes call must be defined above this class: `serve.ingress` freezes a copy of the FastAPI app
+# (routes included) with cloudpickle when the decorator runs, capturing only the module globals defined by then.
+# A 2 s health-check period (Serve default 10 s) replaces a dead replica within seconds; the check is a no-op call.
+@serve.deployment(name="AnomalyScorer", health_check_period_s=2.0)
+@serve.ingress(app)
+class AnomalyScorer:
+    """One replica: a loaded artifact, a decode pool, one model thread and a batch queue.
+
+    Args:
+        model_dir: artifact directory, readable from every node that runs a replica.
+        threshold: deployment threshold overriding the artifact's calibrated one (None keeps it).
+        max_batch_size, batch_wait_timeout_s: `@serve.batch` settings; a batch runs when full or when the oldest
+            request has waited this long.
+        max_bytes, max_side: upload limits.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        threshold: float | None,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        max_bytes: int,
+        max_side: int,
+    ) -> None:
+        threads = max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)))
+        torch.set_num_threads(threads)
+        # Pillow's own decompression-bomb guard, as a second line behind the header check in `decode_rgb`.
+        Image.MAX_IMAGE_PIXELS = max_side * max_side
+        artifact = load_artifact(model_dir)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._scorer = artifact.scorer(device)
+        self._spec = artifact.spec
+        self._threshold = artifact.threshold if threshold is None else threshold
+        self._max_bytes = max_bytes
+        self._max_side = max_side
+        self._model = ModelRef(method=artifact.method.name, sha256=artifact.sha256)
+        self._info = ModelInfo(
+            method=artifact.method.name, backbone=artifact.spec.backbone, levels=artifact.spec.levels,
+            image_size=artifact.spec.image_size, threshold=self._threshold, calibrated_threshold=artifact.threshold,
+            categories=artifact.categories, sha256=artifact.sha256, device=str(device), torch_threads=threads,
+            max_batch_size=max_batch_size, max_bytes=max_bytes, max_side=max_side,
+        )
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="reconray-decode")
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="reconray-model")
+        self._score_batch.set_max_batch_size(max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # One throw-away batch initializes the backbone's kernels, so the first user request has a typical latency.
+        size = artifact.spec.image_size
+        self._scorer(torch.zeros(1, 3, size, size))
+
+    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_unset=True, responses=_ERRORS,
+              openapi_extra=_SCORE_BODY)
+    async def score(
+        self,
+        request: Request,
+        heatmap: bool = Query(False, description="add a base64 PNG overlay of the anomaly map"),
+        threshold: float | None = Query(None, description="threshold for this request only"),
+    ) -> ScoreResponse:
+        """Scores one image: raw bytes (image/* or application/octet-stream) or multipart field `image`."""
+        started = time.perf_counter()
+        if threshold is not None and not math.isfinite(threshold):
+            raise _Rejected(422, f"threshold must be a finite number, got {threshold}")
+        threshold = self._threshold if threshold is None else threshold
+        data = await self._image_bytes(request)
+        loop = asyncio.get_running_loop()
+        upload = await loop.run_in_executor(self._decode_pool, self._decode, data, heatmap)
+        scored: _Scored = await self._score_batch(upload.pixels)
+        response = ScoreResponse(
+            score=scored.score,
+            is_anomalous=None if threshold is None else scored.score > threshold,
+            threshold=threshold,
+            model=self._model,
+            latency_ms=0.0,
+        )
+        if upload.overlay_rgb is not None:
+            response.heatmap_png = await loop.run_in_executor(
+                self._decode_pool, _overlay_png, upload.overlay_rgb, scored.anomaly_map, threshold
+            )
+            response.heatmap_size = list(scored.anomaly_map.shape)
+            response.patch_map_size = scored.patch_map_size
+        response.latency_ms = 1000.0 * (time.perf_counter() - started)
+        return response
+
+    @app.get("/v1/health", response_model=HealthResponse)
+    async def health(self) -> HealthResponse:
+        """Answers once this replica has loaded and verified its artifact."""
+        return HealthResponse(status="ok", replica=self._replica, model=self._model)
+
+    @app.get("/v1/model", response_model=ModelInfo)
+    async def model(self) -> ModelInfo:
+        """What is being served: method, backbone, input size, thresholds, categories, artifact hash, limits."""
+        return self._info
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _score_batch(self, images: list[torch.Tensor]) -> list[_Scored]:
+        """Scores the images of concurrent requests in one backbone pass (batch settings are set per deployment)."""
+        scored = await asyncio.get_running_loop().run_in_executor(self._model_thread, self._scorer, torch.stack(images))
+        patch_map_size = list(scored.patch_scores.shape[1:])
+        return [
+            _Scored(float(scored.image_scores[row]), scored.anomaly_maps[row].numpy(), patch_map_size)
+            for row in range(len(images))
+        ]
+
+    async def _image_bytes(self, request: Request) -> bytes:
+        """The uploaded image's bytes, read under the byte cap; the content type picks raw or multipart."""
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        multipart = media_type == "multipart/form-data"
+        if not (multipart or media_type.startswith("image/") or media_type == "application/octet-stream"):
+            shown = repr(media_type) if media_type else "(none)"
+            raise _Rejected(415, f"content type {shown} is not accepted; send {RAW_MEDIA_TYPES}")
+        body = await _read_capped(request, self._max_bytes + (MULTIPART_OVERHEAD if multipart else 0))
+        data = await _multipart_image(request, body) if multipart else body
+        if not data:
+            raise _Rejected(400, "empty body: send the image's bytes")
+        if len(data) > self._max_bytes:
+            raise _Rejected(413, f"image is {len(data)} bytes; the limit is {self._max_bytes} bytes")
+        return data
+
+    def _decode(self, data: bytes, heatmap: bool) -> _Upload:
+        """Bytes → model input, with the decoding and preprocessing of `reconray predict`; refusals are 4xx."""
+        try:
+            rgb = decode_rgb(data, max_side=self._max_side)
+        except ImageTooLargeError as error:
+            raise _Rejected(413, str(error)) from error
+        except Image.DecompressionBombError as error:
+            raise _Rejected(413, f"{error} (limit: {self._max_side} pixels a side)") from error
+        except UnidentifiedImageError as error:
+            raise _Rejected(400, "body is not an image Pillow can identify (PNG, JPEG, BMP, TIFF, WebP...)") from error
+        except _DECODE_ERRORS as error:
+            raise _Rejected(400, f"image could not be decoded: {error}") from error
+        pixels = preprocess(rgb, self._spec)
+        overlay_rgb = None
+        if heatmap:
+            # The same bilinear resize `render_overlay` applies, done now so the full-size image is not kept waiting.
+            size = self._spec.image_size
+            overlay_rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+        return _Upload(pixels, overlay_rgb)
+
+
+def build_app(args: dict[str, Any] | ServeOptions) -> Application:
+    """Serve application builder: `args` holds `ServeOptions` fields (strings are converted and range-checked).
+
+    Checks the artifact's config.json before anything is deployed, so a wrong path fails here instead of in a replica
+    that Serve would restart forever.
+    """
+    options = args if isinstance(args, ServeOptions) else ServeOptions.model_validate(args)
+    model_dir = str(Path(options.model_dir).expanduser().resolve())
+    read_config(model_dir)
+    return AnomalyScorer.options(
+        autoscaling_config={
+            "min_replicas": options.min_replicas,
+            "max_replicas": options.max_replicas,
+            "target_ongoing_requests": options.target_ongoing_requests or max(2, options.batch_size),
+        },
+        max_ongoing_requests=options.max_ongoing_requests or max(32, 2 * options.batch_size),
+        ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
+    ).bind(model_dir, options.threshold, options.batch_size, options.batch_wait_timeout_s, options.max_bytes,
+           options.max_side)
+
+
+def serve_model(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """`reconray serve`: deploys on this Ray (RAY_ADDRESS or a local one) and blocks until Ctrl-C.
+
+    Ctrl-C deletes this application only, so other Serve applications on a shared cluster keep running.
+    """
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(options), name=APP_NAME, route_prefix="/")
+    print(f"[reconray] serving {options.model_dir} at http://{host}:{port}/v1/score (OpenAPI: /docs); Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("[reconray] stopping", flush=True)
+    finally:
+        serve.delete(APP_NAME)

@@ -1,0 +1,148 @@
+"""Shared fixtures: one local Ray for the whole session, a small synthetic dataset, a fitted model, file builders.
+
+Ray is started once (2 CPUs, no dashboard) by the first test that asks for `ray_session` and shut down at the end;
+`pipelines.runtime.ensure_ray()` is a no-op while it runs, so every pipeline under test reuses it. Tests that need a
+cluster of their own (RAY_ADDRESS) run their driver in a child process and leave this one alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from methods import create_method
+from methods.artifact import ModelSpec, save_artifact
+from methods.backbone import DEFAULT_BACKBONE, DEFAULT_LEVELS, FeatureExtractor, backbone_normalization
+from pipelines.datasets import load_rgb
+from pipelines.ingest import preprocess
+from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+
+TEST_IMAGE_SIZE = 64
+"""Input side used by every test that runs the backbone: 8x8 patch grid at level 2, fast on 2 shared cores."""
+
+SYNTHETIC = SyntheticConfig(image_size=TEST_IMAGE_SIZE, n_train=10, n_test_good=4, n_test_defect=4,
+                            categories=("fabric", "nut", "wood"))
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A local 2-CPU Ray shared by every test that needs one; `address="local"` never joins a foreign cluster."""
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small deterministic MVTec-layout dataset (3 categories, 64 px); tests must not write into it."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), SYNTHETIC)
+
+
+@pytest.fixture(scope="session")
+def model_spec() -> ModelSpec:
+    mean, std = backbone_normalization(DEFAULT_BACKBONE)
+    return ModelSpec(DEFAULT_BACKBONE, list(DEFAULT_LEVELS), TEST_IMAGE_SIZE, list(mean), list(std))
+
+
+@pytest.fixture(scope="session")
+def extractor() -> FeatureExtractor:
+    torch.set_num_threads(2)
+    return FeatureExtractor().eval()
+
+
+@pytest.fixture(scope="session")
+def pixels(model_spec: ModelSpec) -> Callable[[Sequence[str | Path]], torch.Tensor]:
+    """Decodes and normalizes image files exactly as the Ray ingest does, in-process: `(B, 3, 64, 64)`."""
+    return lambda paths: torch.stack([preprocess(load_rgb(path), model_spec) for path in paths])
+
+
+@pytest.fixture(scope="session")
+def fitted_model(
+    tmp_path_factory: pytest.TempPathFactory,
+    synthetic_root: Path,
+    model_spec: ModelSpec,
+    extractor: FeatureExtractor,
+    pixels: Callable[[Sequence[str | Path]], torch.Tensor],
+) -> Path:
+    """A patchcore artifact fitted in-process (no Ray) on the `nut` training images; threshold 1.0."""
+    train = sorted((synthetic_root / "nut" / "train" / "good").glob("*.png"))
+    method = create_method("patchcore")
+    method.fit([extractor(pixels(train))])
+    return save_artifact(tmp_path_factory.mktemp("model"), method, model_spec, threshold=1.0, categories=["nut"])
+
+
+@dataclasses.dataclass
+class FileBuilder:
+    """Writes small images, masks and dataset trees under `root` for discovery and validation tests."""
+
+    root: Path
+
+    def image(self, relative: str | Path, size: tuple[int, int] = (32, 24), seed: int = 0, mode: str = "RGB") -> Path:
+        """A random image of `size` (W, H) in `mode`, format chosen by the suffix."""
+        rng = np.random.default_rng(seed)
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        return self._save(relative, Image.fromarray(pixels).convert(mode))
+
+    def mask(self, relative: str | Path, size: tuple[int, int] = (32, 24)) -> Path:
+        """A 0/255 mask of `size` (W, H) with a defect rectangle in the top-left quarter."""
+        pixels = np.zeros((size[1], size[0]), dtype=np.uint8)
+        pixels[: size[1] // 2, : size[0] // 2] = 255
+        return self._save(relative, Image.fromarray(pixels))
+
+    def truncated(self, relative: str | Path, size: tuple[int, int] = (32, 24)) -> Path:
+        """The first half of a valid image file of the suffix's format: what an interrupted copy leaves."""
+        path = self.root / relative
+        buffer = io.BytesIO()
+        image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        image.save(buffer, format=Image.registered_extensions()[path.suffix.lower()])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        return path
+
+    def mvtec(self, relative: str | Path, categories: Sequence[str] = ("bottle", "grid"), train: int = 2,
+              good: int = 1, defects: Sequence[str] = ("crack",), per_defect: int = 1) -> Path:
+        """An MVTec AD tree: train/good, test/good, test/<defect> and ground_truth/<defect>/<stem>_mask.png."""
+        root = self.root / relative
+        for category in categories:
+            for index in range(train):
+                self.image(root / category / "train" / "good" / f"{index:03d}.png", seed=index)
+            for index in range(good):
+                self.image(root / category / "test" / "good" / f"{index:03d}.png", seed=100 + index)
+            for defect in defects:
+                for index in range(per_defect):
+                    self.image(root / category / "test" / defect / f"{index:03d}.png", seed=200 + index)
+                    self.mask(root / category / "ground_truth" / defect / f"{index:03d}_mask.png")
+        return root
+
+    def mvtec3d(self, relative: str | Path, categories: Sequence[str] = ("bagel", "cookie")) -> Path:
+        """An MVTec 3D-AD tree (rgb, gt, xyz; a validation split that reconray does not use)."""
+        root = self.root / relative
+        for category in categories:
+            self.image(root / category / "train" / "good" / "rgb" / "000.png")
+            self.image(root / category / "train" / "good" / "xyz" / "000.tiff")
+            self.image(root / category / "validation" / "good" / "rgb" / "000.png")
+            self.image(root / category / "test" / "good" / "rgb" / "000.png")
+            self.image(root / category / "test" / "hole" / "rgb" / "000.png")
+            self.mask(root / category / "test" / "hole" / "gt" / "000.png")
+        return root
+
+    def _save(self, relative: str | Path, image: Image.Image) -> Path:
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        return path
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> FileBuilder:
+    return FileBuilder(tmp_path)

@@ -1,0 +1,315 @@
+"""The `reconray` command line end to end on a real local Ray, every bad-input case, and RAY_ADDRESS handling."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from methods.artifact import load_artifact, read_config
+from methods.metrics import METRIC_NAMES
+from pipelines import run
+from pipelines.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CATEGORIES = ["fabric", "nut"]
+TIMING_KEYS = {"extract_ms_per_image", "score_ms_per_image", "fit_s", "bank_vectors", "bank_bytes"}
+
+
+def _cli(capsys: pytest.CaptureFixture, *argv: str | Path) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str, str, Path, Path | None]]) -> Path:
+    """A VisA-style split CSV with absolute paths (rows: object, split, label, image, mask)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["object", "split", "label", "image", "mask"])
+        writer.writerows([(obj, split, label, str(image), str(mask) if mask else "")
+                          for obj, split, label, image, mask in rows])
+    return path
+
+
+# --- end to end ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_model(ray_session, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`reconray fit` on two of the three synthetic categories, 64 px, half-size coreset."""
+    out = tmp_path_factory.mktemp("cli") / "model"
+    code = main(["fit", "--data", str(synthetic_root), "--method", "patchcore", "--out", str(out),
+                 "--categories", ",".join(CATEGORIES), "--image-size", "64", "--set", "coreset_ratio=0.5"])
+    assert code == 0
+    return out
+
+
+def test_fit_writes_an_artifact_for_the_chosen_categories(cli_model: Path) -> None:
+    config = read_config(cli_model)
+    assert config["categories"] == CATEGORIES and config["image_size"] == 64
+    assert config["options"]["coreset_ratio"] == 0.5
+    # 10 training images per category, 1 held out for the threshold: 18 images x 8x8 patches, half of them kept.
+    assert config["info"]["n_fit"] == 18 and config["info"]["n_calibration"] == 2
+    assert config["method_info"]["bank_vectors"] == 18 * 64 // 2
+    assert isinstance(config["threshold"], float) and config["threshold"] > 0
+
+
+def test_evaluate_writes_metrics_report_and_heatmaps(
+    cli_model: Path, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, out, err = _cli(capsys, "evaluate", "--model", cli_model, "--data", synthetic_root, "--out", tmp_path,
+                          "--categories", ",".join(CATEGORIES))
+    assert code == 0, err
+    assert "[reconray] mean: image_auroc=" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"method", "backbone", "categories", "mean", "timing"} <= set(metrics)
+    assert (metrics["method"], metrics["backbone"]) == ("patchcore", "tf_efficientnet_lite0")
+    assert sorted(metrics["categories"]) == CATEGORIES
+    for values in [*metrics["categories"].values(), metrics["mean"]]:
+        assert set(METRIC_NAMES) <= set(values)
+        assert all(0.0 <= values[name] <= 1.0 for name in METRIC_NAMES)
+    for values in metrics["categories"].values():
+        assert (values["n_images"], values["n_anomalous"]) == (8, 4)
+    assert metrics["mean"]["pixel_auroc"] > 0.6
+    assert set(metrics["timing"]) == TIMING_KEYS
+    timing = metrics["timing"]
+    assert timing["extract_ms_per_image"] > 0 and timing["score_ms_per_image"] > 0 and timing["fit_s"] > 0
+    assert timing["bank_vectors"] == 18 * 64 // 2 and timing["bank_bytes"] > timing["bank_vectors"] * 152 * 4
+
+    report = (tmp_path / "report.md").read_text()
+    assert "| **mean** |" in report and all(f"| {name} |" in report for name in CATEGORIES)
+    links = re.findall(r"\]\((heatmaps/[^)]+)\)", report)
+    assert {Path(link).parts[1] for link in links} == set(CATEGORIES)
+    assert len(set(links)) == 4 * len(CATEGORIES)
+    for link in links:
+        with Image.open(tmp_path / link) as heatmap:
+            assert heatmap.format == "PNG" and heatmap.size == (64, 64)
+    assert "Skipped images" not in report
+
+
+def test_predict_writes_predictions_and_overlays(
+    cli_model: Path, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, pixels
+) -> None:
+    images = [synthetic_root / "nut" / "test" / "good" / "000.png", synthetic_root / "fabric" / "test" / "hole" /
+              "000.png"]
+    code, out, err = _cli(capsys, "predict", "--model", cli_model, "--out", tmp_path, *images)
+    assert code == 0, err
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    threshold = read_config(cli_model)["threshold"]
+    assert [entry["image"] for entry in predictions] == [str(image.resolve()) for image in images]
+    for entry in predictions:
+        assert set(entry) == {"image", "score", "is_anomalous", "threshold", "heatmap"}
+        assert entry["threshold"] == threshold and entry["is_anomalous"] == (entry["score"] > threshold)
+        with Image.open(entry["heatmap"]) as heatmap:
+            assert heatmap.format == "PNG" and heatmap.size == (64, 64)
+        assert f"{entry['image']}: score {entry['score']:.4f}" in out
+    reference = load_artifact(cli_model).scorer()(pixels(images)).image_scores.numpy()
+    np.testing.assert_allclose([entry["score"] for entry in predictions], reference, rtol=1e-5)
+
+
+def test_skipped_image_is_listed_in_the_report(
+    cli_model: Path, synthetic_root: Path, files, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    nut = synthetic_root / "nut"
+    broken = files.truncated("broken/001.png", size=(64, 64))
+    table = _write_csv(tmp_path / "split.csv", [
+        ("nut", "test", "normal", nut / "test" / "good" / "000.png", None),
+        ("nut", "test", "normal", broken, None),
+        ("nut", "test", "anomaly", nut / "test" / "scratch" / "000.png",
+         nut / "ground_truth" / "scratch" / "000_mask.png"),
+    ])
+    code, _, err = _cli(capsys, "evaluate", "--model", cli_model, "--data", table, "--out", tmp_path / "strict")
+    assert code == 2 and f"{broken}: unreadable image" in err
+    assert not (tmp_path / "strict").exists()
+    code, _, err = _cli(capsys, "evaluate", "--model", cli_model, "--data", table, "--out", tmp_path / "eval",
+                        "--on-bad-image", "skip")
+    assert code == 0, err
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Skipped images" in report and f"- `{broken}`: unreadable image" in report
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert [entry["image"] for entry in metrics["skipped"]] == [str(broken)]
+    assert metrics["categories"]["nut"]["n_images"] == 2
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+
+def _bad_fit_data(files, case: str) -> tuple[Path, str]:
+    """Builds a broken training set; returns the `--data` path and the text the error must contain."""
+    if case == "truncated":
+        files.image("parts/good.png")
+        broken = files.truncated("parts/broken.jpg")
+        return files.root / "parts", f"{broken}: unreadable image"
+    if case == "unknown_layout":
+        (files.root / "odd" / "notes").mkdir(parents=True)
+        return files.root / "odd", f"{files.root / 'odd'}: unknown layout"
+    root = files.mvtec("mvtec", categories=("bottle", "grid"))
+    for image in (root / "grid" / "train" / "good").iterdir():
+        image.unlink()
+    return root, "empty train split for categories ['grid']"
+
+
+@pytest.mark.parametrize("case", ["truncated", "unknown_layout", "empty_split"])
+def test_fit_refuses_bad_input(files, tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
+    data, message = _bad_fit_data(files, case)
+    code, _, err = _cli(capsys, "fit", "--data", data, "--method", "patchcore", "--out", tmp_path / "model")
+    assert code == 2
+    assert err.startswith("reconray fit: error: ") and message in err
+    assert not (tmp_path / "model").exists()
+
+
+def _bad_test_data(files, case: str) -> tuple[Path, str]:
+    """Builds a broken test set; returns the `--data` path and the text the error must contain."""
+    root = files.mvtec("mvtec", categories=("bottle",))
+    mask = root / "bottle" / "ground_truth" / "crack" / "000_mask.png"
+    if case == "missing_mask":
+        mask.unlink()
+        return root, f"{mask}: defective test image has no mask file"
+    if case == "mask_size":
+        files.mask(mask, size=(16, 16))
+        return root, f"{mask}: mask size (16, 16) differs from image size (32, 24)"
+    if case == "truncated":
+        broken = files.truncated(root / "bottle" / "test" / "good" / "000.png")
+        return root, f"{broken}: unreadable image"
+    files.image("parts/a.png")
+    return files.root / "parts", "empty test split for categories ['parts']"
+
+
+@pytest.mark.parametrize("case", ["missing_mask", "mask_size", "truncated", "empty_split"])
+def test_evaluate_refuses_bad_input(
+    fitted_model: Path, files, tmp_path: Path, capsys: pytest.CaptureFixture, case: str
+) -> None:
+    data, message = _bad_test_data(files, case)
+    code, _, err = _cli(capsys, "evaluate", "--model", fitted_model, "--data", data, "--out", tmp_path / "eval")
+    assert code == 2
+    assert err.startswith("reconray evaluate: error: ") and message in err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_predict_and_model_errors(fitted_model: Path, files, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    broken = files.truncated("broken.png")
+    code, _, err = _cli(capsys, "predict", "--model", fitted_model, "--out", tmp_path / "pred", broken)
+    assert code == 2 and f"{broken}: unreadable image" in err
+    code, _, err = _cli(capsys, "predict", "--model", tmp_path, "--out", tmp_path / "pred", broken)
+    assert code == 2 and f"{tmp_path}: not a reconray model" in err
+    code, _, err = _cli(capsys, "fit", "--data", tmp_path, "--method", "patchcore", "--out", tmp_path / "m",
+                        "--set", "coreset_ratio")
+    assert code == 2 and "--set expects key=value, got 'coreset_ratio'" in err
+    code, _, err = _cli(capsys, "fit", "--data", tmp_path, "--method", "patchcore", "--out", tmp_path / "m",
+                        "--set", "neighbours=3")
+    assert code == 2 and "unknown option(s) ['neighbours'] for method 'patchcore'" in err
+
+
+def test_console_process_exits_non_zero_with_the_error_on_stderr(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "fit", "--data", str(empty), "--method", "patchcore", "--out",
+         str(tmp_path / "model")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert result.returncode == 2
+    assert f"reconray fit: error: {empty}: unknown layout" in result.stderr
+
+
+def test_run_command_passes_its_out_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls = []
+    monkeypatch.setattr(run, "run_default", calls.append)
+    assert main(["run", "--out", str(tmp_path / "run")]) == 0
+    assert calls == [tmp_path / "run"]
+
+
+# --- RAY_ADDRESS ---------------------------------------------------------------------------------------------------
+
+_CONNECT_CHECK = """
+import json, os, ray
+from pipelines.runtime import ensure_ray
+
+ensure_ray()
+ensure_ray()  # a second call is a no-op
+joined = {"cpus": ray.cluster_resources().get("CPU"), "gcs": ray.get_runtime_context().gcs_address}
+ray.shutdown()
+del os.environ["RAY_ADDRESS"]
+ensure_ray(num_cpus=3)
+local = {"cpus": ray.cluster_resources().get("CPU"), "gcs": ray.get_runtime_context().gcs_address}
+ray.shutdown()
+print(json.dumps({"joined": joined, "local": local}))
+"""
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
+    """A real 1-CPU head started by `ray start --block` in its own process group, its own temp dir and ports.
+
+    Yields its address and the environment that finds it. Teardown signals that head and its process group only:
+    `ray stop` would also stop every other Ray instance of this user on the machine.
+    """
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))  # short: Ray's unix socket paths must stay < 108
+    # Token auth off: Ray enables it on `ray start` when ~/.ray/auth_token exists, and a driver given RAY_ADDRESS
+    # only sends a token when RAY_AUTH_MODE=token; no drain wait, so SIGTERM tears the head down at once.
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {
+        "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    gcs_port, client_port, agent_port = _free_ports(3)
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=1",
+               f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
+               f"--dashboard-agent-listen-port={agent_port}", "--include-dashboard=false", "--disable-usage-stats"]
+    log = (ray_tmp / "head.log").open("w")
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address_file = ray_tmp / "ray" / "ray_current_cluster"
+    try:
+        deadline = time.monotonic() + 180
+        while not address_file.exists() or not address_file.read_text().strip():
+            assert head.poll() is None, (ray_tmp / "head.log").read_text()
+            assert time.monotonic() < deadline, "ray start did not come up in 180 s"
+            time.sleep(0.5)
+        yield address_file.read_text().strip(), env
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` then stops every process it started
+        try:
+            head.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)  # whatever of its group outlived it
+            head.wait()
+            log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_ray_address_joins_the_existing_cluster(ray_head: tuple[str, dict[str, str]]) -> None:
+    """RAY_ADDRESS set: join that cluster (1 CPU). Unset: start a local Ray even though a `ray start` one is up."""
+    address, env = ray_head
+    result = subprocess.run(
+        [sys.executable, "-c", _CONNECT_CHECK], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=env | {"RAY_ADDRESS": address, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["joined"] == {"cpus": 1.0, "gcs": address}
+    assert report["local"]["cpus"] == 3.0 and report["local"]["gcs"] != address

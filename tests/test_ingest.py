@@ -1,0 +1,126 @@
+"""Ray Data ingest: decode/resize/normalize, masks, actor-pool features and scores equal to in-process results."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from methods.artifact import ModelSpec, load_artifact
+from pipelines import ingest
+from pipelines.datasets import Sample, discover, load_mask
+from pipelines.ingest import (
+    Resources,
+    feature_dataset,
+    image_dataset,
+    level_tensors,
+    plan_resources,
+    preprocess,
+    preprocess_mask,
+    sample_rows,
+    score_dataset,
+)
+
+
+def _nut_samples(synthetic_root: Path) -> list[Sample]:
+    """Two normal and two defective test images of one category (a defect mask for each defective one)."""
+    test = [sample for sample in discover(synthetic_root, ["nut"]) if sample.split == "test"]
+    return [sample for sample in test if sample.label == 0][:2] + [sample for sample in test if sample.label == 1][:2]
+
+
+def _collect(dataset) -> dict[str, np.ndarray]:
+    batches = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+
+def test_preprocess_resizes_and_normalizes(model_spec: ModelSpec) -> None:
+    white = preprocess(np.full((30, 50, 3), 255, np.uint8), model_spec)
+    black = preprocess(np.zeros((100, 80, 3), np.uint8), model_spec)
+    assert white.shape == black.shape == (3, 64, 64) and white.dtype == torch.float32
+    torch.testing.assert_close(white, torch.ones(3, 64, 64))
+    torch.testing.assert_close(black, -torch.ones(3, 64, 64))
+    ramp = np.repeat(np.linspace(0, 255, 128).astype(np.uint8)[None, :, None], 3, axis=2).repeat(96, axis=0)
+    pixels = preprocess(ramp, model_spec)
+    assert torch.all(pixels[:, :, 1:] >= pixels[:, :, :-1])
+    assert abs(float(pixels.mean())) < 0.02
+
+
+def test_masks_are_resized_nearest_and_stay_binary() -> None:
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:5, 3:7] = True
+    upscaled = preprocess_mask(mask, 32)
+    assert upscaled.dtype == np.uint8 and set(np.unique(upscaled)) == {0, 1}
+    assert np.array_equal(upscaled, np.kron(mask, np.ones((4, 4), dtype=np.uint8)))
+    odd = np.random.default_rng(0).random((37, 53)) > 0.7
+    for size in (16, 64):
+        resized = preprocess_mask(odd, size)
+        assert resized.shape == (size, size) and set(np.unique(resized)) <= {0, 1}
+
+
+def test_plan_resources_fits_the_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    for available in ({"CPU": 2.0}, {"CPU": 4.0}, {"CPU": 16.0}):
+        monkeypatch.setattr(ingest.ray, "cluster_resources", lambda available=available: available)
+        plan = plan_resources()
+        assert plan.gpus_per_actor == 0 and plan.actors >= 1
+        assert plan.actors * plan.cpus_per_actor + plan.decode_cpus <= available["CPU"], plan
+        assert plan.torch_threads == max(1, round(plan.cpus_per_actor))
+    monkeypatch.setattr(ingest.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    plan = plan_resources(batch_size=8)
+    assert (plan.actors, plan.gpus_per_actor, plan.batch_size) == (2, 1.0, 8)
+
+
+def test_rows_carry_samples_without_none() -> None:
+    rows = sample_rows([Sample("/a.png", "nut", "train", 0), Sample("/b.png", "nut", "test", 1, "hole", "/m.png")])
+    assert rows == [
+        {"image": "/a.png", "category": "nut", "split": "train", "label": 0, "defect": "good", "mask": ""},
+        {"image": "/b.png", "category": "nut", "split": "test", "label": 1, "defect": "hole", "mask": "/m.png"},
+    ]
+
+
+def test_decode_names_the_file_it_cannot_read(files, model_spec: ModelSpec) -> None:
+    bad = files.truncated("bad.png")
+    batch = {"image": np.array([str(bad)]), "mask": np.array([""])}
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}: cannot decode image"):
+        ingest._decode_batch(batch, model_spec, masks=False)
+
+
+def test_empty_inputs_are_refused(model_spec: ModelSpec) -> None:
+    with pytest.raises(ValueError, match="no images to process"):
+        image_dataset([], model_spec, Resources(1, 1.0, 0.0, 0.5), masks=False)
+    with pytest.raises(ValueError, match=r"batch has no feature columns; columns: \['image'\]"):
+        level_tensors({"image": np.array(["a.png"])})
+
+
+def test_feature_actors_match_the_in_process_backbone(
+    ray_session, synthetic_root: Path, model_spec: ModelSpec, extractor, pixels
+) -> None:
+    samples = _nut_samples(synthetic_root)
+    rows = _collect(feature_dataset(samples, model_spec, Resources(1, 1.0, 0.0, 0.5, batch_size=3)))
+    assert "pixels" not in rows
+    assert rows["image"].tolist() == [sample.image for sample in samples]
+    expected = extractor(pixels([sample.image for sample in samples]))
+    got = level_tensors(rows)
+    assert [tuple(level.shape) for level in got] == [(4, 40, 8, 8), (4, 112, 4, 4)]
+    for level, reference in zip(got, expected, strict=True):
+        torch.testing.assert_close(level, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_score_actors_match_the_in_process_scorer(
+    ray_session, synthetic_root: Path, fitted_model: Path, pixels
+) -> None:
+    samples = _nut_samples(synthetic_root)
+    rows = _collect(score_dataset(str(fitted_model), samples, Resources(1, 1.0, 0.0, 0.5, batch_size=3), masks=True))
+    assert "pixels" not in rows
+    assert rows["image"].tolist() == [sample.image for sample in samples]
+    reference = load_artifact(fitted_model).scorer()(pixels([sample.image for sample in samples]))
+    np.testing.assert_allclose(rows["image_score"], reference.image_scores.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rows["anomaly_map"], reference.anomaly_maps.numpy(), rtol=1e-5, atol=1e-5)
+    assert rows["anomaly_map"].shape == (4, 64, 64) and rows["gt_mask"].shape == (4, 64, 64)
+    for row, sample in enumerate(samples):
+        expected = preprocess_mask(load_mask(sample.mask), 64) if sample.mask else np.zeros((64, 64), np.uint8)
+        assert np.array_equal(rows["gt_mask"][row], expected)
+    assert rows["gt_mask"][2:].any() and not rows["gt_mask"][:2].any()
+    assert np.all(rows["extract_ms"] > 0) and np.all(rows["score_ms"] > 0)

@@ -1,0 +1,125 @@
+"""PatchCore: scores are nearest-neighbour distances, flat and IVF search agree, greedy coreset is k-center."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from methods import create_method, knn
+from methods.patchcore import PatchCore, greedy_coreset
+
+
+def _clusters(count: int, dim: int, clusters: int = 10, spread: float = 0.05, seed: int = 0) -> torch.Tensor:
+    """`count` points around `clusters` well-separated centres: easy data where approximate search is exact."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 10, (clusters, dim))
+    points = centres[rng.integers(0, clusters, count)] + rng.normal(0, spread, (count, dim))
+    return torch.from_numpy(points.astype(np.float32))
+
+
+def _as_features(vectors: torch.Tensor, batch: int, height: int, width: int) -> list[torch.Tensor]:
+    """Patch vectors `(B*h*w, C)` back to one feature level `(B, C, h, w)`, the layout a method receives."""
+    return [vectors.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()]
+
+
+def _fitted(vectors: torch.Tensor, **options) -> PatchCore:
+    method = create_method("patchcore", **options)
+    method.fit([_as_features(vectors, len(vectors) // 16, 4, 4)])
+    return method
+
+
+def test_scores_are_distances_to_the_nearest_bank_patch() -> None:
+    generator = torch.Generator().manual_seed(0)
+    train = [torch.randn(3, 6, 8, 8, generator=generator), torch.randn(3, 10, 4, 4, generator=generator)]
+    test = [torch.randn(2, 6, 8, 8, generator=generator), torch.randn(2, 10, 4, 4, generator=generator)]
+    method = create_method("patchcore")
+    method.fit([train])
+    bank = method.embed(train)
+    assert bank.shape == (3 * 8 * 8, 16)
+    expected = torch.cdist(method.embed(test), bank).min(dim=1).values.reshape(2, 8, 8)
+    scores = method.score(test)
+    assert scores.shape == (2, 8, 8)
+    torch.testing.assert_close(scores, expected, atol=1e-3, rtol=1e-4)
+    assert method.score(train).abs().max() < 1e-2
+    assert method.bank_stats()[0] == 3 * 8 * 8
+
+
+def test_flat_and_ivf_search_agree_on_easy_data() -> None:
+    train, test = _clusters(2048, 24, seed=0), _clusters(256, 24, seed=0) + 0.01
+    flat = _fitted(train, index="flat")
+    ivf = _fitted(train, index="ivf", nlist=32, nprobe=8)
+    assert isinstance(knn.to_cpu(flat.index), faiss.IndexFlatL2)
+    assert isinstance(knn.to_cpu(ivf.index), faiss.IndexIVFFlat)
+    assert (knn.to_cpu(ivf.index).nprobe, knn.to_cpu(ivf.index).nlist) == (8, 32)
+    queries = _as_features(test, 16, 4, 4)
+    torch.testing.assert_close(ivf.score(queries), flat.score(queries), atol=1e-4, rtol=1e-4)
+
+
+def test_auto_index_switches_to_ivf_for_large_banks(monkeypatch: pytest.MonkeyPatch) -> None:
+    train = _clusters(1024, 8)
+    assert isinstance(knn.to_cpu(_fitted(train).index), faiss.IndexFlatL2)
+    monkeypatch.setattr(knn, "IVF_MIN_VECTORS", 1000)
+    assert isinstance(knn.to_cpu(_fitted(train).index), faiss.IndexIVFFlat)
+
+
+def test_greedy_coreset_is_k_center_selection() -> None:
+    points = torch.from_numpy(np.random.default_rng(3).random((300, 2), dtype=np.float32))
+    selected = greedy_coreset(points, 12, seed=5)
+    assert len(set(selected.tolist())) == 12
+    distances = torch.cdist(points, points)
+    for position in range(1, 12):
+        to_chosen = distances[:, selected[:position]].min(dim=1).values
+        assert selected[position] == torch.argmax(to_chosen), f"pick {position} is not the farthest point"
+    radius = distances[:, selected].min(dim=1).values.max()
+    chosen = distances[selected][:, selected] + torch.eye(12) * 1e9
+    # Every pick was the farthest point when chosen, so picks are at least the final covering radius apart:
+    # the property that makes greedy k-center a 2-approximation of the optimal covering radius.
+    assert chosen.min() >= radius
+
+
+@pytest.mark.parametrize("dim", [3, 300], ids=["exact", "projected"])
+def test_coreset_takes_one_point_per_cluster(dim: int) -> None:
+    rng = np.random.default_rng(dim)
+    labels = rng.integers(0, 6, 500)
+    centres = rng.normal(0, 10, (6, dim))
+    points = torch.from_numpy((centres[labels] + rng.normal(0, 0.05, (500, dim))).astype(np.float32))
+    selected = greedy_coreset(points, 6, seed=1)
+    assert sorted(labels[selected.numpy()].tolist()) == [0, 1, 2, 3, 4, 5]
+
+
+def test_coreset_ratio_keeps_a_subset_of_the_training_patches() -> None:
+    train = _clusters(640, 12)
+    method = _fitted(train, coreset_ratio="0.1")
+    assert method.options["coreset_ratio"] == 0.1
+    assert method.bank_stats()[0] == 64
+    bank = torch.from_numpy(knn.to_cpu(method.index).reconstruct_n(0, 64))
+    assert torch.cdist(bank, train, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.max() < 1e-5
+    full = _fitted(train)
+    queries = _as_features(_clusters(160, 12, seed=9), 10, 4, 4)
+    assert torch.all(method.score(queries) >= full.score(queries) - 1e-4)
+
+
+def test_state_round_trip_keeps_scores() -> None:
+    method = _fitted(_clusters(256, 8))
+    restored = PatchCore.from_state(method.state())
+    queries = _as_features(_clusters(64, 8, seed=4), 4, 4, 4)
+    assert torch.equal(restored.score(queries), method.score(queries))
+    vectors, size = method.bank_stats()
+    assert method.state().info == {"bank_vectors": vectors, "bank_bytes": size}
+    assert vectors == 256 and size >= 256 * 8 * 4
+
+
+def test_invalid_options_and_unfitted_use_are_refused() -> None:
+    for ratio in (0.0, 1.5):
+        with pytest.raises(ValueError, match=rf"coreset_ratio must be in \(0, 1\], got {ratio}"):
+            create_method("patchcore", coreset_ratio=ratio)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['neighbours'\] for method 'patchcore'"):
+        create_method("patchcore", neighbours=3)
+    with pytest.raises(RuntimeError, match="patchcore is not fitted"):
+        create_method("patchcore").score([torch.zeros(1, 4, 2, 2)])
+    with pytest.raises(ValueError, match=r"coreset size must be in 1\.\.10, got 11"):
+        greedy_coreset(torch.zeros(10, 2), 11)
+    with pytest.raises(ValueError, match=r"k=5 neighbours requested but the index holds only 4 vectors"):
+        knn.search(knn.build_index(np.zeros((4, 2)), use_gpu=False), np.zeros((1, 2)), k=5)

@@ -1,0 +1,196 @@
+"""RLR model: window geometry, masks, efficient attention against the dense oracle, loss, scores and state."""
+
+import math
+
+import pytest
+import torch
+
+from methods.rlr import (
+    RLR,
+    RLRModel,
+    add_jitter,
+    check_grid,
+    local_window_mask,
+    token_scores,
+    window_blocks,
+    window_size,
+)
+from methods.rlr_reference import RLRReferenceModel, dense_window_masks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP barriers that cost 20x under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _expected_window(height: int, width: int) -> torch.Tensor:
+    """Brute force, position by position: True where key (r2, c2) is inside the window of query (r1, c1)."""
+    half_h, half_w = window_size(height) // 2, window_size(width) // 2
+    expected = torch.zeros(height * width, height * width, dtype=torch.bool)
+    for r1 in range(height):
+        for c1 in range(width):
+            for r2 in range(max(0, r1 - half_h), min(height, r1 + half_h + 1)):
+                for c2 in range(max(0, c1 - half_w), min(width, c1 + half_w + 1)):
+                    expected[r1 * width + c1, r2 * width + c2] = True
+    return expected
+
+
+def test_window_size_follows_the_reference_table_and_scales_with_the_grid():
+    assert [window_size(g) for g in (16, 32, 64)] == [5, 7, 11]
+    sides = [window_size(g) for g in range(1, 200)]
+    assert all(side % 2 == 1 and side >= 3 for side in sides)
+    assert sides == sorted(sides)
+    assert window_size(128) == 15 and window_size(8) == 3
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (32, 32), (7, 9), (20, 13)])
+def test_lca_blocks_see_exactly_each_window(grid):
+    height, width = grid
+    blocks = window_blocks(height, width)
+    tiles, slots = blocks.queries.shape
+    seen = torch.zeros(height * width, height * width, dtype=torch.bool)
+    for position in range(height * width):
+        tile, slot = divmod(int(blocks.slot[position]), slots)
+        assert blocks.queries[tile, slot] == position
+        seen[position, blocks.keys[tile][blocks.allowed[tile, slot]]] = True
+    assert torch.equal(seen, _expected_window(height, width))
+    assert blocks.slot.unique().numel() == height * width  # every position lands in its own slot
+
+
+def test_lca_blocks_read_far_fewer_keys_than_the_dense_grid_on_large_grids():
+    blocks = window_blocks(64, 64)
+    assert blocks.keys.shape[1] <= 0.2 * 64 * 64
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (32, 32), (7, 9)])
+def test_mlka_never_sees_its_own_window_and_sees_everything_else(grid):
+    allowed = ~local_window_mask(*grid)
+    assert torch.equal(allowed, ~_expected_window(*grid))
+    assert allowed.any(dim=1).all()
+
+
+def test_oracle_masks_agree_with_the_window_rule():
+    lca, mlka = dense_window_masks(7, 9)
+    window = _expected_window(7, 9)
+    assert torch.equal(lca == 0, window) and torch.equal(mlka == 0, ~window)
+
+
+@pytest.mark.parametrize(
+    "grids, ref_len",
+    [
+        ([(16, 16), (8, 8)], 1),
+        ([(32, 32)], 1),
+        ([(64, 64)], 1),
+        ([(13, 11), (7, 6)], 2),
+    ],
+)
+def test_efficient_model_matches_the_dense_oracle(grids, ref_len):
+    torch.manual_seed(0)
+    channels = [6, 10][: len(grids)]
+    efficient = RLRModel(channels, grids, d_model=16, heads=2, layers=1, ref_len=ref_len).double()
+    oracle = RLRReferenceModel(channels, grids, d_model=16, heads=2, layers=1, ref_len=ref_len).double()
+    oracle.load_state_dict(efficient.state_dict())
+    features = [torch.randn(2, c, *grid, dtype=torch.float64) for c, grid in zip(channels, grids, strict=True)]
+    for fast, plain in zip(efficient(features), oracle(features), strict=True):
+        assert ((fast - plain).norm() / plain.norm()).item() < 1e-5
+
+
+def test_lca_output_ignores_reference_tokens_outside_the_window():
+    torch.manual_seed(0)
+    model = RLRModel([4], [(16, 16)], d_model=16, heads=2, layers=1).double()
+    lca = model.levels[0].layers[0].lca
+    x = torch.randn(1, 256, 16, dtype=torch.float64)
+    reference = torch.randn(1, 256, 16, dtype=torch.float64)
+    moved = reference.clone()
+    moved[0, 15 * 16 + 15] += 10.0  # bottom-right corner token
+    before, after = lca(x, reference), lca(x, moved)
+    changed = (before - after).abs().amax(dim=-1)[0].reshape(16, 16) > 0
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[13:, 13:] = True  # positions whose 5x5 window holds the corner
+    assert torch.equal(changed, expected)
+
+
+def test_grids_too_small_for_the_long_range_attention_are_refused():
+    with pytest.raises(ValueError, match="too small"):
+        check_grid((2, 2))
+    assert check_grid((4, 4)) == (4, 4)
+
+
+def test_architecture_errors_name_the_values():
+    with pytest.raises(ValueError, match="d_model 30 must be a positive multiple of heads 4"):
+        RLRModel([4], [(8, 8)], d_model=30, heads=4)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        RLRModel([4], [(8, 8)], d_model=6, heads=2)
+    model = RLRModel([4], [(8, 8)], d_model=16, heads=2, layers=1)
+    with pytest.raises(ValueError, match=r"expected features \(B, 4, 8, 8\), got \(1, 4, 4, 4\)"):
+        model([torch.randn(1, 4, 4, 4)])
+
+
+def test_jitter_scales_with_the_token_norm_over_channels():
+    torch.manual_seed(0)
+    features = torch.ones(64, 16, 8, 8) * 3.0  # token norm 12, / 16 channels = 0.75
+    assert torch.equal(add_jitter(features, 0.0), features)
+    noise = add_jitter(features, 4.0) - features
+    assert noise.std().item() == pytest.approx(0.75 * 4.0, rel=0.02)
+
+
+def test_token_scores_are_zero_for_perfect_reconstruction_and_localise_errors():
+    features = [torch.rand(2, 4, 8, 8) + 0.5, torch.rand(2, 6, 4, 4) + 0.5]
+    assert token_scores(features, features).abs().max().item() < 1e-6
+    damaged = [features[0].clone(), features[1]]
+    damaged[0][1, :, 5, 2] = -1.0
+    scores = token_scores(features, damaged)
+    assert scores.shape == (2, 8, 8)
+    assert scores[0].abs().max().item() < 1e-6
+    assert tuple(divmod(int(scores[1].argmax()), 8)) == (5, 2)
+
+
+def _structured_batches(count: int, seed: int) -> list[list[torch.Tensor]]:
+    """Normal 'images': smooth stripes at a random phase, as two feature levels (8x8 and 4x4)."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count // 4):
+        phase = torch.rand(4, 1, 1, 1, generator=generator) * 2 * math.pi
+        rows = torch.arange(8.0).view(1, 1, 8, 1)
+        fine = torch.sin(rows / 2 + phase + torch.arange(6.0).view(1, 6, 1, 1)).expand(4, 6, 8, 8) + 1.5
+        coarse = torch.nn.functional.avg_pool2d(fine, 2).repeat(1, 2, 1, 1)
+        batches.append([fine.contiguous(), coarse.contiguous()])
+    return batches
+
+
+def _tiny_rlr(**options) -> RLR:
+    settings = {"epochs": 6, "lr": 2e-3, "d_model": 16, "heads": 2, "layers": 1, "use_gpu": False, "jitter": 1.0}
+    return RLR(**(settings | options))
+
+
+def test_fit_lowers_the_loss_and_scores_anomalies_higher():
+    method = _tiny_rlr()
+    method.fit(_structured_batches(32, seed=0))
+    losses = method.info["epoch_losses"]
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
+    normal = _structured_batches(4, seed=1)[0]
+    anomalous = [level.clone() for level in normal]
+    anomalous[0][:, :, 2:4, 2:4] = 6.0
+    anomalous[1][:, :, 1, 1] = 6.0
+    normal_scores, anomalous_scores = method.score(normal), method.score(anomalous)
+    assert normal_scores.shape == (4, 8, 8)
+    assert (anomalous_scores[:, 2:4, 2:4].mean() > 2 * normal_scores[:, 2:4, 2:4].mean()).item()
+
+
+def test_state_round_trip_rebuilds_the_same_model():
+    method = _tiny_rlr(epochs=1)
+    batches = _structured_batches(8, seed=0)
+    method.fit(batches)
+    state = method.state()
+    assert state.options["channels"] == [6, 12] and state.options["grids"] == [[8, 8], [4, 4]]
+    restored = RLR.from_state(state)
+    assert torch.allclose(restored.score(batches[0]), method.score(batches[0]), atol=1e-6)
+
+
+def test_score_before_fit_is_refused():
+    with pytest.raises(RuntimeError, match="before fit"):
+        _tiny_rlr().score([torch.zeros(1, 6, 8, 8)])

@@ -1,0 +1,304 @@
+"""End-to-end tests of `pipelines.serve`: a real local Ray, a real Serve deployment, real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+from ray import serve
+
+from methods import create_method
+from methods.artifact import ModelSpec, load_artifact, save_artifact, set_threshold
+from methods.backbone import DEFAULT_BACKBONE, DEFAULT_LEVELS, backbone_normalization
+from pipelines.cli import main
+from pipelines.datasets import discover, load_rgb, split_samples
+from pipelines.evaluate import predict_images
+from pipelines.ingest import Resources, preprocess
+from pipelines.serve import APP_NAME, DEFAULT_MAX_BYTES, GPU_BATCH_SIZE, ServeOptions, build_app
+from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+
+IMAGE_SIZE = 128
+REPLICA_CPUS = 0.5
+
+
+@dataclasses.dataclass
+class Service:
+    client: httpx.Client
+    model_dir: Path
+    normal: list[Path]
+    defective: list[Path]
+    sha256: str
+    threshold: float
+
+
+def _fit_patchcore(root: Path, out: Path) -> None:
+    """A patchcore artifact fitted in-process (seconds, where a Ray Data fit costs a minute on a loaded 2-core box)."""
+    torch.set_num_threads(1)
+    mean, std = backbone_normalization(DEFAULT_BACKBONE)
+    spec = ModelSpec(DEFAULT_BACKBONE, list(DEFAULT_LEVELS), IMAGE_SIZE, list(mean), list(std))
+    train = split_samples(discover(root), "train")
+    images = torch.stack([preprocess(load_rgb(sample.image), spec) for sample in train])
+    with torch.inference_mode():
+        features = spec.extractor().eval()(images)
+    method = create_method("patchcore")
+    method.fit([features])
+    save_artifact(out, method, spec, threshold=None, categories=["nut"])
+    good = sorted((root / "nut" / "test" / "good").glob("*.png"))
+    scores = load_artifact(out).scorer()(torch.stack([preprocess(load_rgb(path), spec) for path in good]))
+    set_threshold(out, float(scores.image_scores.max()))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp("serve")
+    root = make_synthetic_dataset(tmp / "data", SyntheticConfig(image_size=IMAGE_SIZE, n_train=6, n_test_good=2,
+                                                                n_test_defect=2, categories=("nut",)))
+    model_dir = tmp / "model"
+    _fit_patchcore(root, model_dir)
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model_dir": str(model_dir), "num_cpus": str(REPLICA_CPUS), "min_replicas": "1",
+                         "max_replicas": "1", "max_batch_size": "4", "batch_wait_timeout_s": "0.05"}),
+              name=APP_NAME)
+    artifact = load_artifact(model_dir)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0)
+    try:
+        yield Service(
+            client, model_dir,
+            normal=sorted((root / "nut" / "test" / "good").glob("*.png")),
+            defective=sorted(path for path in (root / "nut" / "test").glob("*/*.png") if path.parent.name != "good"),
+            sha256=artifact.sha256, threshold=artifact.threshold,
+        )
+    finally:
+        client.close()
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _post_png(service: Service, path: Path, query: str = "") -> httpx.Response:
+    return service.client.post(f"/v1/score{query}", content=path.read_bytes(), headers={"Content-Type": "image/png"})
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares `width` x `height` but whose pixel data is a few bytes: what a bomb looks like."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_health_model_and_openapi(service: Service) -> None:
+    health = service.client.get("/v1/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    assert health.json()["model"] == {"method": "patchcore", "sha256": service.sha256}
+    info = service.client.get("/v1/model").json()
+    assert info["method"] == "patchcore"
+    assert info["backbone"] == DEFAULT_BACKBONE
+    assert info["image_size"] == IMAGE_SIZE
+    assert info["threshold"] == info["calibrated_threshold"] == service.threshold
+    assert info["categories"] == ["nut"]
+    assert info["sha256"] == service.sha256
+    assert info["torch_threads"] == 1
+    assert info["max_batch_size"] == 4
+    schema = service.client.get("/openapi.json").json()
+    assert set(schema["paths"]) == {"/v1/score", "/v1/health", "/v1/model"}
+    assert "multipart/form-data" in schema["paths"]["/v1/score"]["post"]["requestBody"]["content"]
+
+
+def test_score_raw_and_multipart(service: Service) -> None:
+    raw = _post_png(service, service.defective[0])
+    assert raw.status_code == 200, raw.text
+    body = raw.json()
+    assert set(body) == {"score", "is_anomalous", "threshold", "model", "latency_ms"}
+    assert body["threshold"] == service.threshold
+    assert body["is_anomalous"] == (body["score"] > service.threshold)
+    assert body["model"]["sha256"] == service.sha256
+    assert body["latency_ms"] > 0
+    multipart = service.client.post(
+        "/v1/score", files={"image": ("part.png", service.defective[0].read_bytes(), "image/png")}
+    )
+    octet = service.client.post("/v1/score", content=service.defective[0].read_bytes(),
+                                headers={"Content-Type": "application/octet-stream"})
+    assert multipart.json()["score"] == octet.json()["score"] == body["score"]
+
+
+def test_heatmap(service: Service) -> None:
+    response = _post_png(service, service.defective[0], "?heatmap=true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
+    assert overlay.format == "PNG"
+    assert overlay.size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert body["heatmap_size"] == [IMAGE_SIZE, IMAGE_SIZE]
+    assert body["patch_map_size"] == [IMAGE_SIZE // 8, IMAGE_SIZE // 8]
+    assert np.asarray(overlay).std() > 0
+
+
+def test_per_request_threshold(service: Service) -> None:
+    score = _post_png(service, service.normal[0]).json()["score"]
+    below = _post_png(service, service.normal[0], f"?threshold={score - 1.0}").json()
+    above = _post_png(service, service.normal[0], f"?threshold={score + 1.0}").json()
+    assert (below["is_anomalous"], below["threshold"]) == (True, score - 1.0)
+    assert (above["is_anomalous"], above["threshold"]) == (False, score + 1.0)
+    for bad in ("nan", "inf", "abc"):
+        response = _post_png(service, service.normal[0], f"?threshold={bad}")
+        assert response.status_code == 422
+        assert "threshold" in response.json()["error"]
+
+
+def test_concurrent_requests_get_their_own_scores(service: Service) -> None:
+    """Requests batched together must each get the score of their own image."""
+    images = service.normal + service.defective
+    alone = [_post_png(service, path).json()["score"] for path in images]
+    with ThreadPoolExecutor(len(images) * 2) as pool:
+        together = list(pool.map(lambda path: _post_png(service, path).json()["score"], images * 2))
+    # Batch composition changes float32 rounding in the search and blur kernels, never more than this.
+    assert together == pytest.approx(alone * 2, rel=1e-5)
+    assert len({round(score, 3) for score in alone}) == len(images)
+
+
+def test_score_equals_predict(service: Service, tmp_path: Path) -> None:
+    """One scoring path: the served score of an image is bit-identical to `reconray predict`'s.
+
+    Both sides score the image in a batch of one on one torch thread (the replica holds 0.5 CPU, so does the predict
+    actor); see README "Serving" for why batch composition may move the last float32 bit.
+    """
+    image = service.defective[0]
+    served = _post_png(service, image).json()
+    resources = Resources(actors=1, cpus_per_actor=REPLICA_CPUS, gpus_per_actor=0.0, decode_cpus=0.25)
+    [predicted] = predict_images(service.model_dir, [image], tmp_path, resources=resources)
+    assert served["score"] == predicted["score"]
+    assert served["is_anomalous"] == predicted["is_anomalous"]
+    assert served["threshold"] == predicted["threshold"]
+
+
+def _bad_uploads() -> dict[str, tuple[dict, int, str]]:
+    """name → (httpx request arguments, expected status, a word the error message must contain)."""
+    good = _png(Image.fromarray(np.full((32, 32, 3), 128, np.uint8)))
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg, "JPEG")
+    broken_crc = bytearray(good)
+    broken_crc[-20] ^= 0xFF
+
+    def png(content: bytes) -> dict:
+        return {"content": content, "headers": {"Content-Type": "image/png"}}
+
+    def chunks() -> object:
+        for _ in range(DEFAULT_MAX_BYTES // 1_000_000 + 1):
+            yield b"\0" * 1_000_000
+
+    return {
+        "empty body": (png(b""), 400, "empty"),
+        "text as png": (png(b"hello, this is not an image"), 400, "image"),
+        "truncated png": (png(good[: len(good) // 2]), 400, "decoded"),
+        "truncated jpeg": (png(jpeg.getvalue()[:600]), 400, "decoded"),
+        "corrupt png data": (png(bytes(broken_crc)), 400, "decoded"),
+        "text/plain": ({"content": good, "headers": {"Content-Type": "text/plain"}}, 415, "content type"),
+        "json": ({"json": {"image": "x"}}, 415, "content type"),
+        "no content type": ({"content": good}, 415, "content type"),
+        "over byte limit": (png(b"\0" * (DEFAULT_MAX_BYTES + 1)), 413, "limit"),
+        "over byte limit, chunked": ({"content": chunks(), "headers": {"Content-Type": "image/png"}}, 413, "limit"),
+        "over side limit": (png(_png(Image.new("L", (9000, 1)))), 413, "8000"),
+        "decompression bomb header": (png(_png_header_only(30000, 30000)), 413, "pixels"),
+        "multipart without image": ({"files": {"picture": ("a.png", good, "image/png")}}, 400, "image"),
+        "multipart, empty image": ({"files": {"image": ("a.png", b"", "image/png")}}, 400, "empty"),
+        "malformed multipart": ({"content": b"--x\r\nnonsense",
+                                 "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 400, "multipart"),
+    }
+
+
+def test_bad_inputs_are_4xx_and_the_replica_survives(service: Service) -> None:
+    replica = service.client.get("/v1/health").json()["replica"]
+    failures = []
+    for name, (arguments, status, word) in _bad_uploads().items():
+        response = service.client.post("/v1/score", **arguments)
+        body = response.json()
+        if response.status_code != status or word not in body.get("error", "").lower():
+            failures.append(f"{name}: {response.status_code} {body}")
+    assert not failures, failures
+    assert service.client.get("/v1/health").json()["replica"] == replica
+    assert _post_png(service, service.normal[0]).status_code == 200
+
+
+def test_options_defaults_and_range_checks(service: Service) -> None:
+    assert ServeOptions(model_dir=str(service.model_dir)).batch_size == 1
+    assert ServeOptions(model_dir=str(service.model_dir), num_gpus=1).batch_size == GPU_BATCH_SIZE
+    assert ServeOptions(model_dir=str(service.model_dir), num_gpus=1, max_batch_size=3).batch_size == 3
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ServeOptions(model_dir=str(service.model_dir), max_batch_size=0)
+    with pytest.raises(ValueError, match="exceeds max_replicas"):
+        ServeOptions(model_dir=str(service.model_dir), min_replicas=3, max_replicas=2)
+    with pytest.raises(ValueError, match="not a reconray model"):
+        build_app({"model_dir": str(service.model_dir / "missing")})
+
+
+def test_cli_refuses_bad_settings_before_deploying(service: Service, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--model", str(service.model_dir), "--min-replicas", "3", "--max-replicas", "2"]) == 2
+    assert "min_replicas=3 exceeds max_replicas=2" in capsys.readouterr().err
+
+
+def test_killed_replica_is_replaced(service: Service) -> None:
+    before = service.client.get("/v1/health").json()["replica"]
+    statuses: list[int | str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=service.client.base_url, timeout=60.0) as client:
+            while not stop.is_set():
+                try:
+                    statuses.append(client.post("/v1/score", content=service.normal[0].read_bytes(),
+                                                headers={"Content-Type": "image/png"}).status_code)
+                except httpx.HTTPError as error:
+                    statuses.append(type(error).__name__)
+
+    sender = threading.Thread(target=load)
+    sender.start()
+    try:
+        while len(statuses) < 3:
+            time.sleep(0.05)
+        [(name, namespace)] = [(actor["name"], actor["namespace"])
+                               for actor in ray.util.list_named_actors(all_namespaces=True)
+                               if actor["name"].startswith("SERVE_REPLICA::") and before in actor["name"]]
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        killed_at = len(statuses)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (len(statuses) >= killed_at + 3 and statuses[-3:] == [200] * 3):
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        sender.join()
+    after = service.client.get("/v1/health").json()["replica"]
+    assert after != before
+    assert statuses[-3:] == [200] * 3, statuses
+    assert all(_post_png(service, path).status_code == 200 for path in service.normal)

@@ -1,0 +1,186 @@
+"""SGFR: batched solvers against direct solutions, the coverage guarantee of sparse sampling, round-trips, a toy."""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import ElasticNet
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+
+from methods import create_method, knn
+from methods.artifact import ModelSpec, load_artifact, save_artifact
+from methods.sgfr import SGFR, elastic_net_codes, ridge_codes, self_expressive_codes, sparse_sample
+
+
+def _as_features(vectors: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """Patch vectors `(batch * h * w, D)` as one feature level `(batch, D, h, w)` on a square grid."""
+    side = math.isqrt(len(vectors) // batch)
+    return [vectors.reshape(batch, side, side, -1).permute(0, 3, 1, 2).contiguous()]
+
+
+def _subspaces(count: int, dim: int = 32, subspaces: int = 3, rank: int = 4, noise: float = 0.02, seed: int = 0):
+    """Points on a union of `subspaces` random `rank`-dimensional subspaces of R^dim, plus a little noise.
+
+    Returns the points and the orthonormal bases, so a test can build anomalies off every subspace.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    bases = [torch.linalg.qr(torch.randn(dim, rank, generator=generator))[0] for _ in range(subspaces)]
+    labels = torch.randint(subspaces, (count,), generator=generator)
+    points = torch.stack([bases[int(label)] @ torch.randn(rank, generator=generator) for label in labels])
+    return points + noise * torch.randn(count, dim, generator=generator), bases
+
+
+def _random_problem(patches: int, k: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(patches, k, dim, generator=generator), torch.randn(patches, dim, generator=generator)
+
+
+def test_batched_ridge_matches_a_direct_least_squares_solution_per_patch() -> None:
+    neighbours, targets = _random_problem(64, 16, 152, seed=0)
+    lam = 5.0
+    codes = self_expressive_codes(neighbours, targets, lam, tau=0.0)
+    for basis, target, code in zip(neighbours.double().numpy(), targets.double().numpy(), codes.numpy(), strict=True):
+        # ||y - cB||² + lam/2 ||c||² is the least-squares problem || [Bᵀ; sqrt(lam/2) I] c - [y; 0] ||².
+        design = np.vstack([basis.T, math.sqrt(lam / 2) * np.eye(16)])
+        expected = np.linalg.lstsq(design, np.concatenate([target, np.zeros(16)]), rcond=None)[0]
+        np.testing.assert_allclose(code, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ridge_falls_back_to_float64_when_float32_cholesky_fails() -> None:
+    gram = torch.zeros(3, 4, 4)
+    gram[1] = -torch.eye(4)  # not positive definite even after alpha: the float32 factorisation reports failure
+    rhs = torch.ones(3, 4)
+    codes = ridge_codes(gram, rhs, alpha=0.5)
+    torch.testing.assert_close(codes[0], torch.full((4,), 2.0))
+    torch.testing.assert_close(codes[1], torch.full((4,), -2.0))
+
+
+def _elastic_net_objective(code: np.ndarray, basis: np.ndarray, target: np.ndarray, lam: float, tau: float) -> float:
+    residual = target - code @ basis
+    return float(residual @ residual + lam * (tau * np.abs(code).sum() + (1 - tau) / 2 * code @ code))
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+def test_batched_elastic_net_matches_sklearn_per_patch(tau: float) -> None:
+    neighbours, targets = _random_problem(24, 16, 152, seed=1)
+    lam = 40.0
+    codes = self_expressive_codes(neighbours.double(), targets.double(), lam, tau=tau, iterations=400).numpy()
+    dim = neighbours.shape[2]
+    zeros = 0
+    for basis, target, code in zip(neighbours.double().numpy(), targets.double().numpy(), codes, strict=True):
+        # sklearn minimises 1/(2n) ||y - Xw||² + a r ||w||₁ + a (1 - r)/2 ||w||²: ours divided by 2n, n = dim.
+        reference = ElasticNet(alpha=lam / (2 * dim), l1_ratio=tau, fit_intercept=False, tol=1e-12, max_iter=100_000)
+        expected = reference.fit(basis.T, target).coef_
+        np.testing.assert_allclose(code, expected, atol=1e-4)
+        ours, theirs = (_elastic_net_objective(c, basis, target, lam, tau) for c in (code, expected))
+        assert ours <= theirs * (1 + 1e-6)
+        zeros += int((expected == 0).sum())
+    assert zeros > 0, "the test penalty must make some coefficients exactly zero, or the L1 part goes untested"
+
+
+def test_elastic_net_refuses_tau_outside_its_range() -> None:
+    with pytest.raises(ValueError, match="tau must be in"):
+        elastic_net_codes(torch.eye(2).expand(1, 2, 2), torch.ones(1, 2), lam=1.0, tau=0.0)
+
+
+def _mth_neighbour_radius(points: np.ndarray, n_keep: int, quantile: float) -> float:
+    """The documented coverage radius, recomputed with sklearn (every point sampled)."""
+    rank = math.ceil(len(points) / n_keep)
+    distances, _ = NearestNeighbors(n_neighbors=rank + 1).fit(points).kneighbors(points)
+    return float(np.quantile(distances[:, rank], quantile))
+
+
+def _assert_covered(points: np.ndarray, kept: np.ndarray, radius: float) -> None:
+    gaps = NearestNeighbors(n_neighbors=1).fit(points[kept]).kneighbors(points)[0][:, 0]
+    assert gaps.max() <= radius * (1 + 1e-5), f"a vector lies {gaps.max()} from the basis, radius {radius}"
+
+
+def test_sparse_sampling_keeps_its_size_and_covers_every_vector() -> None:
+    points, _ = _subspaces(1200)
+    kept = sparse_sample(points, 120, k=8, sample_size=5000, coverage_quantile=0.9, seed=0)
+    assert len(kept) == 120 and len(torch.unique(kept)) == 120
+    _assert_covered(points.numpy(), kept.numpy(), _mth_neighbour_radius(points.numpy(), 120, 0.9))
+
+
+def test_sparse_sampling_keeps_every_isolated_pattern_even_beyond_its_budget() -> None:
+    points, _ = _subspaces(900)
+    generator = torch.Generator().manual_seed(5)
+    outliers = 20.0 * torch.randn(30, points.shape[1], generator=generator)
+    everything = torch.cat([points, outliers])
+    kept = sparse_sample(everything, 10, k=8, sample_size=5000, coverage_quantile=0.95, seed=0)
+    assert len(kept) > 10 and len(torch.unique(kept)) == len(kept)
+    assert set(range(900, 930)) <= set(kept.tolist())
+    _assert_covered(everything.numpy(), kept.numpy(), _mth_neighbour_radius(everything.numpy(), 10, 0.95))
+
+
+@pytest.mark.parametrize("sampling", ["sparse", "coreset", "random"])
+def test_basis_size_follows_the_ratio_of_all_vectors_seen(sampling: str) -> None:
+    points, _ = _subspaces(8 * 64, seed=2)
+    method = create_method("sgfr", sampling=sampling, basis_ratio=0.1, k=4, candidate_factor=2.0)
+    method.fit([_as_features(points[:256], 4), _as_features(points[256:], 4)])
+    assert method.bank_stats()[0] == math.ceil(0.1 * 512)
+    assert method.basis.shape == (52, 32)
+
+    # Distributed path: condense runs on workers (other instances), the driver passes the original count.
+    workers = [create_method("sgfr", sampling=sampling, basis_ratio=0.1, k=4) for _ in range(2)]
+    candidates = torch.cat([worker.condense(chunk) for worker, chunk in zip(workers, points.split(256), strict=True)])
+    assert len(candidates) == 2 * math.ceil(0.2 * 256)
+    driver = create_method("sgfr", sampling=sampling, basis_ratio=0.1, k=4)
+    driver.fit_bank(candidates, total_vectors=512)
+    assert driver.bank_stats()[0] == 52
+
+
+def test_options_are_checked_with_the_allowed_range() -> None:
+    with pytest.raises(ValueError, match=r"sampling='greedy'.*sparse"):
+        create_method("sgfr", sampling="greedy")
+    with pytest.raises(ValueError, match=r"basis_ratio=1.5.*\(0, 1\]"):
+        create_method("sgfr", basis_ratio="1.5")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        create_method("sgfr").score([torch.zeros(1, 4, 2, 2)])
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.5])
+def test_artifact_round_trip_gives_identical_scores(tmp_path, tau: float) -> None:
+    points, _ = _subspaces(4 * 64, seed=3)
+    method = create_method("sgfr", basis_ratio=0.25, k=8, tau=tau, iterations=20)
+    method.fit([_as_features(points, 4)])
+    queries = _as_features(_subspaces(2 * 64, seed=4)[0], 2)
+    spec = ModelSpec(backbone="tf_efficientnet_lite0", levels=[2, 3], image_size=64, mean=[0.5] * 3, std=[0.5] * 3)
+    save_artifact(tmp_path, method, spec, threshold=None, categories=["toy"])
+    restored = load_artifact(tmp_path).method
+    assert isinstance(restored, SGFR)
+    assert torch.equal(restored.basis, method.basis)
+    assert restored.bank_stats() == method.bank_stats()
+    assert torch.equal(restored.score(queries), method.score(queries))
+
+
+def test_faiss_index_round_trip_gives_identical_search() -> None:
+    points, _ = _subspaces(2048, seed=6)
+    for kind in ("flat", "ivf"):
+        index = knn.build_index(points.numpy(), kind=kind, nlist=16, nprobe=4, use_gpu=False)
+        copy = faiss.deserialize_index(faiss.serialize_index(index))
+        queries = points[:300].numpy() + 0.01
+        expected, got = knn.search(index, queries, 16), knn.search(copy, queries, 16)
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_array_equal(got[0], expected[0])
+
+
+def test_residual_ranks_off_subspace_patches_above_nominal_ones() -> None:
+    train, bases = _subspaces(16 * 64, seed=7)
+    method = create_method("sgfr", basis_ratio=0.1, k=16)
+    method.fit([_as_features(train, 16)])
+    normal, _ = _subspaces(256, seed=8)
+    generator = torch.Generator().manual_seed(9)
+    # Anomalies: a nominal point plus an offset orthogonal to every subspace, as large as a typical nominal point.
+    span = torch.linalg.qr(torch.cat(bases, dim=1))[0]
+    offset = torch.randn(256, train.shape[1], generator=generator)
+    offset = offset - offset @ span @ span.T
+    anomalies = _subspaces(256, seed=10)[0] + offset / offset.norm(dim=1, keepdim=True) * normal.norm(dim=1).mean()
+    scores = method.score(_as_features(torch.cat([normal, anomalies]), 8)).reshape(-1)
+    auroc = roc_auc_score(np.r_[np.zeros(256), np.ones(256)], scores.numpy())
+    assert auroc > 0.9, f"toy AUROC {auroc:.3f}"
