@@ -10,11 +10,12 @@ Without `--model`, a patchcore model (10% coreset) is fitted with `fit_model` on
    each batch size: the ceiling one replica could reach with no HTTP at all;
 2. for each `max_batch_size`, deploys the application (one replica holding `--replica-cpus`) and drives it with an
    asyncio + httpx load generator at each concurrency: at most `--requests` requests and `--max-seconds` per level,
-   after a warm-up; payloads are PNG files sent round robin;
-3. scores in-process again, so drift in the machine's load between the start and the end shows in the numbers.
+   after a warm-up; payloads are PNG files sent round robin. Right before each level it scores in-process again at
+   the best batch size of step 1 (`--reference-seconds`), and the level's ratio is to that paired reference, so a
+   change in the machine's load between levels does not pass for a serving cost.
 Client, proxy and replica share the machine, as on a single-box deployment. On Linux it also reports the CPU time
 all of this run's processes (driver with the load generator, Ray, proxy, replica) spent per request, which, unlike
-throughput, does not depend on what else the machine is running.
+throughput, hardly depends on what else the machine is running.
 """
 
 from __future__ import annotations
@@ -127,24 +128,19 @@ async def drive(url: str, payloads: list[bytes], concurrency: int, requests: int
 
 
 def _table(report: dict, batch_sizes: list[int], concurrencies: list[int]) -> list[str]:
-    reference = report["in_process_best"]
     lines = [
-        f"in-process reference (best batch size, mean of start and end): {reference['throughput']:.2f} img/s, "
-        f"{reference['cpu_ms']:.1f} CPU ms/img",
-        "",
-        "| max_batch_size | concurrency | img/s | x in-process | p50 ms | p99 ms | CPU ms/req | errors |",
+        "| max_batch_size | concurrency | img/s | paired in-process img/s | ratio | p50 ms | p99 ms | CPU ms/img |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for batch_size in batch_sizes:
-        start, end = (report["in_process"][f"{when}, batch {batch_size}"] for when in ("start", "end"))
-        lines.append(f"| {batch_size} | in-process (start / end) | {start['throughput']:.2f} / {end['throughput']:.2f} "
-                     f"| | | | {start['cpu_ms']:.1f} / {end['cpu_ms']:.1f} | |")
+        alone = report["in_process"][batch_size]
+        lines.append(f"| {batch_size} | in-process | {alone['throughput']:.2f} | | | | | {alone['cpu_ms']:.1f} |")
         for concurrency in concurrencies:
             row = report["serve"][f"batch {batch_size}, concurrency {concurrency}"]
             cpu = "n/a" if row["cpu_ms"] is None else f"{row['cpu_ms']:.1f}"
             lines.append(f"| {batch_size} | {concurrency} | {row['throughput']:.2f} | "
-                         f"{row['throughput'] / reference['throughput']:.2f} | {row['p50_ms']:.0f} | "
-                         f"{row['p99_ms']:.0f} | {cpu} | {row['errors']} |")
+                         f"{row['reference']['throughput']:.2f} | {row['vs_in_process']:.2f} | {row['p50_ms']:.0f} | "
+                         f"{row['p99_ms']:.0f} | {cpu} |")
     return lines
 
 
@@ -158,6 +154,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=240, help="requests per concurrency level")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="time bound per level")
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs of the one replica (= torch threads)")
+    parser.add_argument("--reference-seconds", type=float, default=8.0, help="paired in-process run before a level")
     parser.add_argument("--max-ongoing-requests", type=int, help="per replica (default: the deployment's)")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
@@ -174,13 +171,12 @@ def main() -> None:
                     "replica_cpus": args.replica_cpus, "torch_threads": threads, "cpu_count": os.cpu_count(),
                     "load_average_start": os.getloadavg(), "in_process": {}, "serve": {}}
 
-    def measure_in_process(when: str) -> None:
-        for batch_size in batch_sizes:
-            result = in_process(model_dir, payloads * 4, batch_size, threads, args.max_seconds)
-            report["in_process"][f"{when}, batch {batch_size}"] = result
-            print(f"[bench] in-process {when} batch {batch_size}: {json.dumps(result)}", flush=True)
+    for batch_size in batch_sizes:
+        report["in_process"][batch_size] = in_process(model_dir, payloads * 4, batch_size, threads, args.max_seconds)
+        print(f"[bench] in-process batch {batch_size}: {json.dumps(report['in_process'][batch_size])}", flush=True)
+    best = max(batch_sizes, key=lambda size: report["in_process"][size]["throughput"])
+    report["reference_batch_size"] = best
 
-    measure_in_process("start")
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     url = f"http://127.0.0.1:{args.port}/v1/score"
     for batch_size in batch_sizes:
@@ -188,19 +184,14 @@ def main() -> None:
                     "max_batch_size": batch_size, "max_ongoing_requests": args.max_ongoing_requests}
         serve.run(build_app({key: value for key, value in settings.items() if value is not None}), name=APP_NAME)
         for concurrency in concurrencies:
+            reference = in_process(model_dir, payloads * 4, best, threads, args.reference_seconds)
             result = asyncio.run(drive(url, payloads, concurrency, args.requests, args.max_seconds))
+            result |= {"reference": reference, "vs_in_process": result["throughput"] / reference["throughput"]}
             report["serve"][f"batch {batch_size}, concurrency {concurrency}"] = result
             print(f"[bench] serve batch {batch_size} concurrency {concurrency}: {json.dumps(result)}", flush=True)
         serve.delete(APP_NAME)
     serve.shutdown()
-    measure_in_process("end")
 
-    best = max(batch_sizes, key=lambda size: report["in_process"][f"start, batch {size}"]["throughput"]
-               + report["in_process"][f"end, batch {size}"]["throughput"])
-    report["in_process_best"] = {
-        key: float(np.mean([report["in_process"][f"{when}, batch {best}"][key] for when in ("start", "end")]))
-        for key in ("throughput", "cpu_ms")
-    } | {"batch_size": best}
     report["load_average_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=2))

@@ -32,7 +32,7 @@ def image_scores(anomaly_maps: torch.Tensor) -> torch.Tensor:
 
 
 def _gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding (truncated at 4 sigma, as scipy and anomalib do)."""
+    """Separable Gaussian blur, truncated at 4 sigma as scipy and anomalib do; border mirrored (scipy's "mirror")."""
     if sigma <= 0:
         return maps
     radius = int(math.ceil(4 * sigma))

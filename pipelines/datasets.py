@@ -134,7 +134,7 @@ def _from_csv(path: Path) -> list[Sample]:
                 )
             anomalous = int(label == "anomaly")
             mask = (row.get("mask") or "").strip()
-            defect = Path(row["image"]).parts[0] if anomalous else NORMAL
+            defect = _csv_defect(root, Path(row["image"].strip())) if anomalous else NORMAL
             samples.append(
                 Sample(
                     str(root / row["image"].strip()),
@@ -146,6 +146,15 @@ def _from_csv(path: Path) -> list[Sample]:
                 )
             )
     return samples
+
+
+def _csv_defect(root: Path, image: Path) -> str:
+    """Defect name of a CSV row: the image's top folder under the CSV's folder (VisA, MTD name defects so)."""
+    image = image if image.is_absolute() else root / image
+    try:
+        return image.relative_to(root).parts[0]
+    except ValueError:
+        return image.parent.name
 
 
 def _subdirs(folder: Path) -> list[Path]:

@@ -88,9 +88,12 @@ def evaluate_model(
         },
         "threshold": config["threshold"],
         "skipped": validation.skipped,
+        "skipped_in_fit": config["info"].get("skipped", []),
     }
     write_json(out_dir / "metrics.json", metrics)
-    (out_dir / "report.md").write_text(method_report(metrics, heatmaps, validation.skipped))
+    skipped = validation.skipped + [{**entry, "problem": f"{entry['problem']} (skipped in fit)"}
+                                    for entry in metrics["skipped_in_fit"]]
+    (out_dir / "report.md").write_text(method_report(metrics, heatmaps, skipped))
     return metrics | {"heatmaps": heatmaps}
 
 

@@ -34,12 +34,14 @@ SYNTHETIC = SyntheticConfig(image_size=TEST_IMAGE_SIZE, n_train=10, n_test_good=
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """A local 2-CPU Ray shared by every test that needs one; `address="local"` never joins a foreign cluster."""
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    """A local 2-CPU Ray shared by every test that needs one, whatever cluster the environment points at."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("RAY_ADDRESS", raising=False)
+        if not ray.is_initialized():
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -50,12 +52,14 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_spec() -> ModelSpec:
+    """The default backbone and levels at the tests' 64 px input, with the offline weights' normalization."""
     mean, std = backbone_normalization(DEFAULT_BACKBONE)
     return ModelSpec(DEFAULT_BACKBONE, list(DEFAULT_LEVELS), TEST_IMAGE_SIZE, list(mean), list(std))
 
 
 @pytest.fixture(scope="session")
 def extractor() -> FeatureExtractor:
+    """The default frozen backbone, built once: loading its weights is the slow part of every in-process test."""
     torch.set_num_threads(2)
     return FeatureExtractor().eval()
 
@@ -145,4 +149,5 @@ class FileBuilder:
 
 @pytest.fixture
 def files(tmp_path: Path) -> FileBuilder:
+    """Builds test files under this test's own tmp_path."""
     return FileBuilder(tmp_path)
