@@ -24,6 +24,7 @@ from methods.artifact import ModelSpec, save_artifact, set_threshold
 from methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_LEVELS, backbone_normalization
 from pipelines.datasets import Sample, discover, split_samples, validate
 from pipelines.ingest import (
+    LEVEL_COLUMN,
     Resources,
     as_tensor,
     feature_dataset,
@@ -180,7 +181,8 @@ def cached_features(
     if not complete.exists():
         print(f"[reconray] extracting features of {len(samples)} images into {cache_dir}", flush=True)
         features = feature_dataset(samples, spec, resources)
-        features.drop_columns(["image", "split", "label", "defect", "mask"]).write_parquet(str(cache_dir))
+        levels = [LEVEL_COLUMN.format(level) for level in range(len(spec.levels))]
+        features.select_columns(levels).write_parquet(str(cache_dir))
         complete.write_text(key_source)
     else:
         print(f"[reconray] reusing cached features in {cache_dir}", flush=True)
