@@ -20,7 +20,7 @@ from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 RUN_OPTIONS: dict[str, dict[str, Any]] = {
     "patchcore": {},
     "sgfr": {},
-    "rlr": {"epochs": 8, "d_model": 64, "layers": 2, "heads": 4, "batch_size": 8},
+    "rlr": {"epochs": 5, "d_model": 64, "layers": 2, "heads": 4, "batch_size": 8},
 }
 """Options per method for the default run: the methods' defaults, except rlr's CPU-sized training."""
 
