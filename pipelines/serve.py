@@ -23,6 +23,7 @@ import base64
 import dataclasses
 import io
 import math
+import signal
 import struct
 import time
 import zlib
@@ -287,7 +288,7 @@ class AnomalyScorer:
     ) -> None:
         threads = max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)))
         torch.set_num_threads(threads)
-        # Pillow's own decompression-bomb guard, as a second line behind the header check in `decode_rgb`.
+        # Pillow's decompression-bomb guard at the per-side limit's area: it refuses absurd headers inside Image.open.
         Image.MAX_IMAGE_PIXELS = max_side * max_side
         artifact = load_artifact(model_dir)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -423,13 +424,16 @@ def build_app(args: dict[str, Any] | ServeOptions) -> Application:
 
 
 def serve_model(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """`reconray serve`: deploys on this Ray (RAY_ADDRESS or a local one) and blocks until Ctrl-C.
+    """`reconray serve`: deploys on this Ray (RAY_ADDRESS or a local one) and blocks until Ctrl-C or SIGTERM.
 
-    Ctrl-C deletes this application only, so other Serve applications on a shared cluster keep running.
+    Stopping deletes this application only, so other Serve applications on a shared cluster keep running; a local
+    Ray started here shuts down with the process.
     """
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(options), name=APP_NAME, route_prefix="/")
+    # Replaces the SIGTERM handling ray.init installed, which ends the process without this cleanup.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"[reconray] serving {options.model_dir} at http://{host}:{port}/v1/score (OpenAPI: /docs); Ctrl-C stops",
           flush=True)
     try:

@@ -16,7 +16,9 @@ def _result_of(cell: nbformat.NotebookNode) -> str:
 
 def test_quickstart_notebook_executes(tmp_path: Path) -> None:
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     mean_metrics = _result_of(code_cells[3])

@@ -16,14 +16,7 @@ from pipelines.train_rlr import PROGRESS_FILE, train_rlr
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def features(local_ray) -> ray.data.Dataset:
+def features(ray_session) -> ray.data.Dataset:
     """16 'normal images' as two feature levels (6x8x8 and 12x4x4): stripes at random phases, like textures."""
     rng = np.random.default_rng(0)
     rows = []

@@ -1,4 +1,4 @@
-"""End-to-end tests of `pipelines.serve`: a real local Ray, a real Serve deployment, real HTTP on 127.0.0.1."""
+"""End-to-end tests of `pipelines.serve`: the session's local Ray, a real Serve deployment, real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -18,21 +18,16 @@ import httpx
 import numpy as np
 import pytest
 import ray
-import torch
 from PIL import Image
 from ray import serve
 
-from methods import create_method
-from methods.artifact import ModelSpec, load_artifact, save_artifact, set_threshold
-from methods.backbone import DEFAULT_BACKBONE, DEFAULT_LEVELS, backbone_normalization
+from methods.artifact import load_artifact
+from methods.backbone import DEFAULT_BACKBONE
 from pipelines.cli import main
-from pipelines.datasets import discover, load_rgb, split_samples
 from pipelines.evaluate import predict_images
-from pipelines.ingest import Resources, preprocess
+from pipelines.ingest import Resources
 from pipelines.serve import APP_NAME, DEFAULT_MAX_BYTES, GPU_BATCH_SIZE, ServeOptions, build_app
-from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
-IMAGE_SIZE = 128
 REPLICA_CPUS = 0.5
 
 
@@ -44,23 +39,7 @@ class Service:
     defective: list[Path]
     sha256: str
     threshold: float
-
-
-def _fit_patchcore(root: Path, out: Path) -> None:
-    """A patchcore artifact fitted in-process (seconds, where a Ray Data fit costs a minute on a loaded 2-core box)."""
-    torch.set_num_threads(1)
-    mean, std = backbone_normalization(DEFAULT_BACKBONE)
-    spec = ModelSpec(DEFAULT_BACKBONE, list(DEFAULT_LEVELS), IMAGE_SIZE, list(mean), list(std))
-    train = split_samples(discover(root), "train")
-    images = torch.stack([preprocess(load_rgb(sample.image), spec) for sample in train])
-    with torch.inference_mode():
-        features = spec.extractor().eval()(images)
-    method = create_method("patchcore")
-    method.fit([features])
-    save_artifact(out, method, spec, threshold=None, categories=["nut"])
-    good = sorted((root / "nut" / "test" / "good").glob("*.png"))
-    scores = load_artifact(out).scorer()(torch.stack([preprocess(load_rgb(path), spec) for path in good]))
-    set_threshold(out, float(scores.image_scores.max()))
+    image_size: int
 
 
 def _free_port() -> int:
@@ -70,31 +49,26 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    tmp = tmp_path_factory.mktemp("serve")
-    root = make_synthetic_dataset(tmp / "data", SyntheticConfig(image_size=IMAGE_SIZE, n_train=6, n_test_good=2,
-                                                                n_test_defect=2, categories=("nut",)))
-    model_dir = tmp / "model"
-    _fit_patchcore(root, model_dir)
+def service(ray_session: None, fitted_model: Path, synthetic_root: Path) -> Iterator[Service]:
+    """The conftest patchcore model served on the session's Ray: one replica of half a CPU, batches of up to 4."""
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model_dir": str(model_dir), "num_cpus": str(REPLICA_CPUS), "min_replicas": "1",
+    serve.run(build_app({"model_dir": str(fitted_model), "num_cpus": str(REPLICA_CPUS), "min_replicas": "1",
                          "max_replicas": "1", "max_batch_size": "4", "batch_wait_timeout_s": "0.05"}),
               name=APP_NAME)
-    artifact = load_artifact(model_dir)
+    artifact = load_artifact(fitted_model)
+    test_dir = synthetic_root / "nut" / "test"
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0)
     try:
         yield Service(
-            client, model_dir,
-            normal=sorted((root / "nut" / "test" / "good").glob("*.png")),
-            defective=sorted(path for path in (root / "nut" / "test").glob("*/*.png") if path.parent.name != "good"),
-            sha256=artifact.sha256, threshold=artifact.threshold,
+            client, fitted_model,
+            normal=sorted((test_dir / "good").glob("*.png")),
+            defective=sorted(path for path in test_dir.glob("*/*.png") if path.parent.name != "good"),
+            sha256=artifact.sha256, threshold=artifact.threshold, image_size=artifact.spec.image_size,
         )
     finally:
         client.close()
         serve.shutdown()
-        ray.shutdown()
 
 
 def _post_png(service: Service, path: Path, query: str = "") -> httpx.Response:
@@ -125,7 +99,7 @@ def test_health_model_and_openapi(service: Service) -> None:
     info = service.client.get("/v1/model").json()
     assert info["method"] == "patchcore"
     assert info["backbone"] == DEFAULT_BACKBONE
-    assert info["image_size"] == IMAGE_SIZE
+    assert info["image_size"] == service.image_size
     assert info["threshold"] == info["calibrated_threshold"] == service.threshold
     assert info["categories"] == ["nut"]
     assert info["sha256"] == service.sha256
@@ -159,9 +133,9 @@ def test_heatmap(service: Service) -> None:
     body = response.json()
     overlay = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
     assert overlay.format == "PNG"
-    assert overlay.size == (IMAGE_SIZE, IMAGE_SIZE)
-    assert body["heatmap_size"] == [IMAGE_SIZE, IMAGE_SIZE]
-    assert body["patch_map_size"] == [IMAGE_SIZE // 8, IMAGE_SIZE // 8]
+    assert overlay.size == (service.image_size, service.image_size)
+    assert body["heatmap_size"] == [service.image_size, service.image_size]
+    assert body["patch_map_size"] == [service.image_size // 8, service.image_size // 8]
     assert np.asarray(overlay).std() > 0
 
 

@@ -1,0 +1,130 @@
+"""Unified RLR (one model for every category) vs per-category patchcore on MTD + the synthetic categories.
+
+Usage:
+    python benchmarks/rlr_unified.py [--mtd ../shared/data/mtd/split.csv] [--out runs/bench-rlr-unified]
+        [--epochs 5] [--d-model 64] [--layers 2] [--heads 4] [--batch-size 8] [--mtd-coreset 0.1]
+
+RLR's selling point is the unified setting: a single model trained on the union of all categories' normal images,
+evaluated per category. Patchcore, the baseline, gets one model per category. Both go through the product's own
+pipelines (`fit_model`, `evaluate_model`), so the numbers are what `reconray fit` + `reconray evaluate` give. To train
+one model on the union, the script writes a VisA-style CSV (absolute paths) listing the MTD rows and the synthetic
+samples; the MTD data itself is only read. The RLR size defaults to a CPU-sized setting (the reference is d_model 256,
+4 layers, 8 heads, batch 4, 200 epochs); patchcore keeps its defaults except a 10% coreset on MTD, whose full bank
+(680k patches) takes ~20 minutes to evaluate on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from methods.artifact import read_config
+from pipelines.datasets import Sample, discover
+from pipelines.evaluate import evaluate_model
+from pipelines.fit import fit_model
+from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def write_union_csv(sources: list[Path], path: Path) -> list[str]:
+    """Writes every sample of `sources` as one VisA-style CSV with absolute paths; returns the categories."""
+    samples: list[Sample] = [sample for source in sources for sample in discover(source)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["object", "split", "label", "image", "mask"])
+        for sample in samples:
+            label = "anomaly" if sample.label else "normal"
+            writer.writerow([sample.category, sample.split, label, sample.image, sample.mask or ""])
+    return sorted({sample.category for sample in samples})
+
+
+def _timed_fit_evaluate(data: Path, method: str, folder: Path, **fit_kwargs: Any) -> dict[str, Any]:
+    """Fits and evaluates one model; returns its metrics plus the fit and total wall seconds."""
+    started = time.perf_counter()
+    fitted = fit_model(data, method, folder / "model", **fit_kwargs)
+    metrics = evaluate_model(fitted.model_dir, data, folder / "evaluation", categories=fit_kwargs.get("categories"))
+    metrics["fit_wall_s"] = fitted.fit_s
+    metrics["wall_s"] = time.perf_counter() - started
+    metrics["method_info"] = read_config(fitted.model_dir).get("method_info", {})
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mtd", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/mtd/split.csv")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-rlr-unified"))
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--mtd-coreset", type=float, default=0.1, help="patchcore coreset ratio on MTD (1 = full)")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    started = time.perf_counter()
+
+    synthetic_root = make_synthetic_dataset(out / "synthetic", SyntheticConfig())
+    union = out / "unified.csv"
+    categories = write_union_csv([args.mtd.resolve(), Path(synthetic_root)], union)
+    mtd_categories = {sample.category for sample in discover(args.mtd)}
+    print(f"[bench] categories {categories}, union CSV {union}", flush=True)
+
+    rlr_options = {
+        "epochs": args.epochs,
+        "d_model": args.d_model,
+        "layers": args.layers,
+        "heads": args.heads,
+        "batch_size": args.batch_size,
+        "checkpoint_every": args.epochs,
+    }
+    summary: dict[str, Any] = {"rlr_options": rlr_options, "mtd_coreset": args.mtd_coreset}
+    summary["rlr"] = _timed_fit_evaluate(union, "rlr", out / "rlr", options=rlr_options)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary["patchcore"] = {}
+    # MTD last: its patchcore is by far the slowest part, so the synthetic results land first.
+    for category in sorted(categories, key=lambda name: name in mtd_categories):
+        options = {"coreset_ratio": args.mtd_coreset} if category in mtd_categories else {}
+        summary["patchcore"][category] = _timed_fit_evaluate(
+            union, "patchcore", out / "patchcore" / category, categories=[category], options=options
+        )
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary["total_wall_s"] = time.perf_counter() - started
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print_table(summary, categories)
+
+
+def print_table(summary: dict[str, Any], categories: list[str]) -> None:
+    """Markdown table: RLR (unified) vs patchcore (per category), per category and mean."""
+    rlr = summary["rlr"]
+    patchcore = summary["patchcore"]
+    info = rlr["method_info"]
+    print(f"RLR unified {summary['rlr_options']}: epochs {info.get('epoch')}, final loss {info.get('loss')}, "
+          f"fit {rlr['fit_wall_s']:.0f} s, fit+evaluate {rlr['wall_s']:.0f} s; patchcore total "
+          f"{sum(entry['wall_s'] for entry in patchcore.values()):.0f} s (MTD coreset {summary['mtd_coreset']}); "
+          f"benchmark {summary['total_wall_s']:.0f} s")
+    print("| category | RLR I-AUROC | PC I-AUROC | RLR P-AUROC | PC P-AUROC | RLR AUPRO | PC AUPRO |")
+    print("|---|---|---|---|---|---|---|")
+    means = {("rlr", key): [] for key in METRICS} | {("pc", key): [] for key in METRICS}
+    for category in categories:
+        cells = []
+        for key in METRICS:
+            for name, value in (("rlr", rlr["categories"][category][key]),
+                                ("pc", patchcore[category]["categories"][category][key])):
+                if value is not None:
+                    means[(name, key)].append(value)
+                cells.append("n/a" if value is None else f"{value:.3f}")
+        print(f"| {category} | " + " | ".join(cells) + " |")
+    mean_cells = [
+        f"{sum(means[(name, key)]) / max(len(means[(name, key)]), 1):.3f}" for key in METRICS for name in ("rlr", "pc")
+    ]
+    print("| **mean** | " + " | ".join(mean_cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
