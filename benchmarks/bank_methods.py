@@ -1,0 +1,130 @@
+"""Side-by-side of the bank methods on one set of cached features: quality, bank size and per-image cost.
+
+Variants (issue 3): patchcore full bank, patchcore coreset at the sgfr basis size, sgfr with sparse subspace
+sampling (defaults), sgfr with random sampling of the same size. Backbone features are extracted once in-process and
+shared by every variant, so the comparison isolates the methods; fitting goes through the same `condense` per batch
++ `fit_bank` split as the Ray pipeline, and scoring through `methods.scoring` like every entry point.
+
+Usage:
+    python benchmarks/bank_methods.py --data ../shared/data/mtd/split.csv --out runs/bench-bank/mtd
+    python benchmarks/bank_methods.py --synthetic --out runs/bench-bank/synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from methods import create_method
+from methods.artifact import ModelSpec
+from methods.backbone import FeatureExtractor, backbone_normalization
+from methods.metrics import compute_metrics, mean_metrics
+from methods.scoring import anomaly_map, image_scores
+from pipelines.datasets import discover, load_mask, load_rgb, split_samples, validate
+from pipelines.fit import calibration_split
+from pipelines.ingest import preprocess, preprocess_mask
+from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+
+BATCH = 16
+
+
+def extract(extractor: FeatureExtractor, spec: ModelSpec, samples: list, masks: bool) -> tuple[list, list, float]:
+    """Features per batch (list of per-level tensors), masks per batch, backbone ms/image."""
+    batches, mask_batches, seconds = [], [], 0.0
+    for start in range(0, len(samples), BATCH):
+        chunk = samples[start : start + BATCH]
+        images = torch.stack([preprocess(load_rgb(sample.image), spec) for sample in chunk])
+        began = time.perf_counter()
+        with torch.inference_mode():
+            batches.append(extractor(images))
+        seconds += time.perf_counter() - began
+        if masks:
+            mask_batches.append(np.stack([
+                preprocess_mask(load_mask(s.mask), spec.image_size) if s.mask else
+                np.zeros((spec.image_size, spec.image_size), np.uint8) for s in chunk]))
+    return batches, mask_batches, 1000.0 * seconds / len(samples)
+
+
+def run_variant(name: str, options: dict, train: list, test: list, test_masks: list, labels: np.ndarray,
+                image_size: int) -> dict:
+    method = create_method(name, **options)
+    began = time.perf_counter()
+    method.fit(train)
+    fit_s = time.perf_counter() - began
+    scores, maps, seconds = [], [], 0.0
+    for features in test:
+        began = time.perf_counter()
+        with torch.inference_mode():
+            batch_maps = anomaly_map(method.score(features), (image_size, image_size))
+            scores.append(image_scores(batch_maps))
+        seconds += time.perf_counter() - began
+        maps.append(batch_maps.numpy())
+    vectors, size = method.bank_stats()
+    metrics = compute_metrics(labels, torch.cat(scores).numpy(), np.concatenate(test_masks).astype(bool),
+                              np.concatenate(maps))
+    return {**metrics, "fit_s": fit_s, "score_ms_per_image": 1000.0 * seconds / len(labels),
+            "bank_vectors": vectors, "bank_bytes": size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="dataset path (any layout reconray reads)")
+    parser.add_argument("--synthetic", action="store_true", help="use the default synthetic dataset")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = make_synthetic_dataset(args.out / "data", SyntheticConfig()) if args.synthetic else args.data
+    samples = discover(data)
+    mean, std = backbone_normalization("tf_efficientnet_lite0")
+    spec = ModelSpec("tf_efficientnet_lite0", [2, 3], 256, list(mean), list(std))
+    extractor = FeatureExtractor()
+    results: dict[str, dict] = {}
+    for category in sorted({sample.category for sample in samples}):
+        members = [sample for sample in samples if sample.category == category]
+        fit_samples, _ = calibration_split(validate(split_samples(members, "train")).samples)
+        test_samples = validate(split_samples(members, "test")).samples
+        train, _, backbone_ms = extract(extractor, spec, fit_samples, masks=False)
+        test, test_masks, _ = extract(extractor, spec, test_samples, masks=True)
+        labels = np.array([sample.label for sample in test_samples])
+        sparse = run_variant("sgfr", {}, train, test, test_masks, labels, spec.image_size)
+        total = sum(len(features[0]) * features[0].shape[2] * features[0].shape[3] for features in train)
+        basis_ratio = sparse["bank_vectors"] / total
+        variants = {
+            "patchcore full bank": ("patchcore", {}),
+            f"patchcore coreset {basis_ratio:.3f}": ("patchcore", {"coreset_ratio": basis_ratio}),
+            "sgfr random": ("sgfr", {"sampling": "random"}),
+        }
+        rows = {"sgfr sparse (default)": sparse}
+        for label, (name, options) in variants.items():
+            rows[label] = run_variant(name, options, train, test, test_masks, labels, spec.image_size)
+            print(f"[bench] {category} {label}: {json.dumps(rows[label])}", flush=True)
+        for row in rows.values():
+            row["backbone_ms_per_image"] = backbone_ms
+            row["score_over_backbone"] = row["score_ms_per_image"] / backbone_ms
+        results[category] = rows
+    labels_in_order = list(next(iter(results.values())))
+    mean = {label: mean_metrics({c: rows[label] for c, rows in results.items()}) for label in labels_in_order}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bank_methods.json").write_text(json.dumps({"per_category": results, "mean": mean}, indent=2))
+    print("| category | variant | image AUROC | pixel AUROC | AUPRO | bank vectors | bank MB | backbone ms/img | "
+          "score ms/img | score/backbone |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for category, rows in results.items():
+        for label, row in rows.items():
+            print(f"| {category} | {label} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} | "
+                  f"{row['aupro']:.3f} | {row['bank_vectors']} | {row['bank_bytes'] / 2**20:.1f} | "
+                  f"{row['backbone_ms_per_image']:.1f} | "
+                  f"{row['score_ms_per_image']:.1f} | {row['score_over_backbone']:.2f} |")
+    for label, row in mean.items():
+        print(f"| mean | {label} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} | {row['aupro']:.3f} "
+              "| | | | | |")
+
+
+if __name__ == "__main__":
+    main()
