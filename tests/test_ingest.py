@@ -31,9 +31,13 @@ def _nut_samples(synthetic_root: Path) -> list[Sample]:
     return [sample for sample in test if sample.label == 0][:2] + [sample for sample in test if sample.label == 1][:2]
 
 
-def _collect(dataset) -> dict[str, np.ndarray]:
+def _collect(dataset, order: list[Sample]) -> dict[str, np.ndarray]:
+    """All rows of a dataset, put back in the order of `order` (Ray Data streams rows in completion order)."""
     batches = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
-    return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+    rows = {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+    position = {str(image): row for row, image in enumerate(rows["image"])}
+    permutation = [position[sample.image] for sample in order]
+    return {key: values[permutation] for key, values in rows.items()}
 
 
 def test_preprocess_resizes_and_normalizes(model_spec: ModelSpec) -> None:
@@ -98,7 +102,7 @@ def test_feature_actors_match_the_in_process_backbone(
     ray_session, synthetic_root: Path, model_spec: ModelSpec, extractor, pixels
 ) -> None:
     samples = _nut_samples(synthetic_root)
-    rows = _collect(feature_dataset(samples, model_spec, Resources(1, 1.0, 0.0, 0.5, batch_size=3)))
+    rows = _collect(feature_dataset(samples, model_spec, Resources(1, 1.0, 0.0, 0.5, batch_size=3)), samples)
     assert "pixels" not in rows
     assert rows["image"].tolist() == [sample.image for sample in samples]
     expected = extractor(pixels([sample.image for sample in samples]))
@@ -112,7 +116,8 @@ def test_score_actors_match_the_in_process_scorer(
     ray_session, synthetic_root: Path, fitted_model: Path, pixels
 ) -> None:
     samples = _nut_samples(synthetic_root)
-    rows = _collect(score_dataset(str(fitted_model), samples, Resources(1, 1.0, 0.0, 0.5, batch_size=3), masks=True))
+    resources = Resources(1, 1.0, 0.0, 0.5, batch_size=3)
+    rows = _collect(score_dataset(str(fitted_model), samples, resources, masks=True), samples)
     assert "pixels" not in rows
     assert rows["image"].tolist() == [sample.image for sample in samples]
     reference = load_artifact(fitted_model).scorer()(pixels([sample.image for sample in samples]))
