@@ -173,16 +173,17 @@ def cached_features(
     Training methods read these every epoch instead of re-running the frozen backbone; a different backbone, level
     set, image size or file list gets a new key and so a fresh extraction.
     """
-    key_source = json.dumps(
-        {"spec": dataclasses.asdict(spec), "images": sorted((sample.image, _mtime(sample.image)) for sample in samples)}
-    )
+    levels = [LEVEL_COLUMN.format(level) for level in range(len(spec.levels))]
+    key_source = json.dumps({
+        "spec": dataclasses.asdict(spec),
+        "columns": levels,
+        "images": sorted((sample.image, _mtime(sample.image)) for sample in samples),
+    })
     cache_dir = (cache_root / hashlib.sha256(key_source.encode()).hexdigest()[:16]).resolve()
     complete = cache_dir / "COMPLETE"
     if not complete.exists():
         print(f"[reconray] extracting features of {len(samples)} images into {cache_dir}", flush=True)
-        features = feature_dataset(samples, spec, resources)
-        levels = [LEVEL_COLUMN.format(level) for level in range(len(spec.levels))]
-        features.select_columns(levels).write_parquet(str(cache_dir))
+        feature_dataset(samples, spec, resources).select_columns(levels).write_parquet(str(cache_dir))
         complete.write_text(key_source)
     else:
         print(f"[reconray] reusing cached features in {cache_dir}", flush=True)
