@@ -135,6 +135,24 @@ def test_basis_size_follows_the_ratio_of_all_vectors_seen(sampling: str) -> None
     assert driver.bank_stats()[0] == 52
 
 
+def test_neighbours_an_ivf_search_could_not_find_are_left_out_of_the_reconstruction() -> None:
+    points, _ = _subspaces(4 * 64, seed=11)
+    method = create_method("sgfr", basis_ratio=1.0, k=16, index="ivf", nlist=64, nprobe=1)
+    method.fit([_as_features(points, 4)])
+    queries = _subspaces(64, seed=12)[0]
+    _, ids = knn.search(method.index, queries.numpy(), 16)
+    assert (ids < 0).any(), "the test needs probed cells holding fewer than k vectors"
+    alpha = method.options["lam"] * float(method.basis.pow(2).sum(dim=1).mean()) / 2
+    expected = []
+    for query, row in zip(queries.double().numpy(), ids, strict=True):
+        basis = method.basis.double().numpy()[row[row >= 0]]
+        design = np.vstack([basis.T, math.sqrt(alpha) * np.eye(len(basis))])
+        code = np.linalg.lstsq(design, np.concatenate([query, np.zeros(len(basis))]), rcond=None)[0]
+        expected.append(np.linalg.norm(query - code @ basis))
+    scores = method.score(_as_features(queries, 1)).reshape(-1)
+    np.testing.assert_allclose(scores.numpy(), np.array(expected), rtol=1e-4, atol=1e-5)
+
+
 def test_options_are_checked_with_the_allowed_range() -> None:
     with pytest.raises(ValueError, match=r"sampling='greedy'.*sparse"):
         create_method("sgfr", sampling="greedy")
@@ -152,7 +170,7 @@ def test_artifact_round_trip_gives_identical_scores(tmp_path, tau: float) -> Non
     queries = _as_features(_subspaces(2 * 64, seed=4)[0], 2)
     spec = ModelSpec(backbone="tf_efficientnet_lite0", levels=[2, 3], image_size=64, mean=[0.5] * 3, std=[0.5] * 3)
     save_artifact(tmp_path, method, spec, threshold=None, categories=["toy"])
-    restored = load_artifact(tmp_path).method
+    restored = load_artifact(tmp_path).method.to("cpu")
     assert isinstance(restored, SGFR)
     assert torch.equal(restored.basis, method.basis)
     assert restored.bank_stats() == method.bank_stats()
