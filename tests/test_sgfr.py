@@ -133,6 +133,8 @@ def test_basis_size_follows_the_ratio_of_all_vectors_seen(sampling: str) -> None
     driver = create_method("sgfr", sampling=sampling, basis_ratio=0.1, k=4)
     driver.fit_bank(candidates, total_vectors=512)
     assert driver.bank_stats()[0] == 52
+    with pytest.raises(ValueError, match="total_vectors=50 is smaller than the 104 candidates"):
+        driver.fit_bank(candidates, total_vectors=50)
 
 
 def test_neighbours_an_ivf_search_could_not_find_are_left_out_of_the_reconstruction() -> None:
@@ -190,16 +192,16 @@ def test_faiss_index_round_trip_gives_identical_search() -> None:
 
 
 def test_residual_ranks_off_subspace_patches_above_nominal_ones() -> None:
-    train, bases = _subspaces(16 * 64, seed=7)
+    points, bases = _subspaces(16 * 64 + 512, seed=7)
+    train, normal, shifted = points[:1024], points[1024:1280], points[1280:]
     method = create_method("sgfr", basis_ratio=0.1, k=16)
     method.fit([_as_features(train, 16)])
-    normal, _ = _subspaces(256, seed=8)
+    # Anomalies: nominal points plus an offset orthogonal to every subspace, a tenth of a typical point's norm.
     generator = torch.Generator().manual_seed(9)
-    # Anomalies: a nominal point plus an offset orthogonal to every subspace, as large as a typical nominal point.
     span = torch.linalg.qr(torch.cat(bases, dim=1))[0]
     offset = torch.randn(256, train.shape[1], generator=generator)
     offset = offset - offset @ span @ span.T
-    anomalies = _subspaces(256, seed=10)[0] + offset / offset.norm(dim=1, keepdim=True) * normal.norm(dim=1).mean()
+    anomalies = shifted + offset / offset.norm(dim=1, keepdim=True) * 0.1 * normal.norm(dim=1).mean()
     scores = method.score(_as_features(torch.cat([normal, anomalies]), 8)).reshape(-1)
     auroc = roc_auc_score(np.r_[np.zeros(256), np.ones(256)], scores.numpy())
     assert auroc > 0.9, f"toy AUROC {auroc:.3f}"
