@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/patchcore_mtd.py [--data ../shared/data/mtd/split.csv] [--out runs/bench-patchcore]
+        [--variant "patchcore full bank"] [--variant "patchcore coreset 10%"]
 
 Everything goes through the product's own pipelines (`fit_model`, `evaluate_model`), so the numbers are those a user
 gets from `reconray fit` + `reconray evaluate` with default options.
@@ -24,9 +25,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/mtd/split.csv"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-patchcore"))
+    parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="run only these (repeatable)")
     args = parser.parse_args()
     rows = {}
     for label, options in VARIANTS.items():
+        if args.variant and label not in args.variant:
+            continue
         folder = args.out / label.replace(" ", "_").replace("%", "pct")
         started = time.perf_counter()
         fitted = fit_model(args.data, "patchcore", folder / "model", options=options)
