@@ -50,6 +50,11 @@ class ModelSpec:
     def extractor(self) -> FeatureExtractor:
         return FeatureExtractor(self.backbone, self.levels, weights=self.weights)
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelSpec:
+        """The spec stored in an artifact's config.json."""
+        return cls(**{field.name: config[field.name] for field in dataclasses.fields(cls)})
+
 
 @dataclasses.dataclass
 class Artifact:
@@ -122,7 +127,7 @@ def load_artifact(directory: str | Path) -> Artifact:
                  if name.endswith(".faiss")},
         info=config["method_info"],
     )
-    spec = ModelSpec(**{field.name: config[field.name] for field in dataclasses.fields(ModelSpec)})
+    spec = ModelSpec.from_config(config)
     return Artifact(
         method=method_class.from_state(state),
         spec=spec,

@@ -100,7 +100,7 @@ def score_dataset(
 def load_spec(model_dir: str) -> ModelSpec:
     """The feature spec of an artifact, read from its config.json alone (no tensors loaded)."""
     config = read_config(model_dir)
-    return ModelSpec(**{field.name: config[field.name] for field in dataclasses.fields(ModelSpec)})
+    return ModelSpec.from_config(config)
 
 
 def preprocess(rgb: np.ndarray, spec: ModelSpec) -> torch.Tensor:
