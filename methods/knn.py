@@ -25,16 +25,19 @@ def build_index(
     nprobe: int = 16,
     use_gpu: bool | None = None,
     seed: int = 0,
+    ivf_from: int | None = None,
 ) -> faiss.Index:
     """Builds an L2 index over `vectors` `(N, D)`.
 
     Args:
         vectors: the bank, float32 or castable to it.
-        kind: "flat" (exact), "ivf" (inverted file, approximate) or "auto" (ivf from `IVF_MIN_VECTORS` vectors on).
+        kind: "flat" (exact), "ivf" (inverted file, approximate) or "auto" (ivf from `ivf_from` vectors on).
         nlist: IVF cells; default sqrt(N), which keeps training and probing cheap.
         nprobe: IVF cells visited per query.
         use_gpu: put the index on the GPU; None = when FAISS sees one.
         seed: k-means seed, so that a fit is reproducible.
+        ivf_from: bank size from which "auto" picks IVF; a method whose score tolerates approximate neighbours
+            lowers it (None: `IVF_MIN_VECTORS`).
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or len(vectors) == 0:
@@ -43,13 +46,14 @@ def build_index(
         raise ValueError(f"unknown index kind {kind!r}; choose auto, flat or ivf")
     count, dim = vectors.shape
     if kind == "auto":
-        kind = "ivf" if count >= IVF_MIN_VECTORS else "flat"
+        kind = "ivf" if count >= (ivf_from or IVF_MIN_VECTORS) else "flat"
     if kind == "flat":
         index: faiss.Index = faiss.IndexFlatL2(dim)
     else:
         cells = max(1, min(nlist or int(math.sqrt(count)), count))
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, cells)
         index.cp.seed = seed
+        index.cp.min_points_per_centroid = 1  # small bases train on all they have; FAISS would warn below 39 per cell
         rng = np.random.default_rng(seed)
         sample_size = min(count, cells * _TRAIN_POINTS_PER_CELL)
         index.train(vectors[rng.choice(count, sample_size, replace=False)] if sample_size < count else vectors)

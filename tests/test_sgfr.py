@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
 from methods import create_method, knn
+from methods import sgfr as sgfr_module
 from methods.artifact import ModelSpec, load_artifact, save_artifact
 from methods.sgfr import SGFR, elastic_net_codes, ridge_codes, self_expressive_codes, sparse_sample
 
@@ -178,6 +179,27 @@ def test_artifact_round_trip_gives_identical_scores(tmp_path, tau: float) -> Non
     assert restored.bank_stats() == method.bank_stats()
     assert torch.equal(restored.score(queries), method.score(queries))
     torch.testing.assert_close(method.residual(method.embed(queries)).norm(dim=1), method.score(queries).reshape(-1))
+
+
+def test_auto_index_is_ivf_from_its_own_threshold_and_scores_like_exact_search() -> None:
+    """sgfr switches to IVF far below patchcore's threshold; the approximate neighbour sets rebuild nominal points as
+    well as the exact ones, so scores barely move."""
+    points, _ = _subspaces(64 * 64 + 256, seed=11)
+    train, queries = points[: 64 * 64], _as_features(points[64 * 64 :], 1)
+    assert len(train) * 0.5 >= sgfr_module.IVF_FROM_VECTORS > len(train) * 0.5 * 0.5
+    small = create_method("sgfr", basis_ratio=0.25, sampling="random")
+    small.fit([_as_features(train, 4)])
+    assert isinstance(small.index, faiss.IndexFlatL2)
+    method = create_method("sgfr", basis_ratio=0.5, sampling="random")
+    method.fit([_as_features(train, 4)])
+    assert isinstance(method.index, faiss.IndexIVFFlat)
+    assert method.index.nlist == round(2 * math.sqrt(len(method.basis))) and method.index.nprobe == 4
+    exact = create_method("sgfr", basis_ratio=0.5, sampling="random", index="flat")
+    exact.fit([_as_features(train, 4)])
+    assert torch.equal(exact.basis, method.basis)
+    approximate, reference = method.score(queries).flatten(), exact.score(queries).flatten()
+    assert float(((approximate - reference).abs() / reference).median()) < 0.05
+    assert float(approximate.mean()) == pytest.approx(float(reference.mean()), rel=0.05)
 
 
 def test_faiss_index_round_trip_gives_identical_search() -> None:
