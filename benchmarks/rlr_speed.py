@@ -7,7 +7,9 @@ Both steps train the same weights on the same images (batch 4, 256x256, tf_effic
 32x32 / 16x16, channels 40 / 112, d_model 256 / 512, 4 layers, 8 heads, jitter 4, Adam lr 1e-4):
 
 - reconray: backbone features cached once (training never re-runs the frozen backbone), windowed LCA + masked SDPA
-  (`methods.rlr.RLRModel`), fused Adam (`make_optimizer`), i.e. exactly `methods.rlr.train_step`.
+  (`methods.rlr.RLRModel`), fused Adam (`make_optimizer`), in the default precision (bfloat16 autocast on a CPU with
+  AMX or AVX512-BF16, else float32), i.e. exactly `methods.rlr.train_step`; where the default is bfloat16, the same
+  step in float32 is timed too.
 - oracle: the backbone re-run on the images every step, dense `nn.MultiheadAttention` with -inf masks rebuilt every
   forward (`methods.rlr_reference.RLRReferenceModel`), plain `torch.optim.Adam`, as the paper's code trains.
 
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from methods.backbone import FeatureExtractor
-from methods.rlr import RLRModel, make_optimizer, rlr_loss, train_step
+from methods.rlr import RLRModel, make_optimizer, resolve_precision, rlr_loss, train_step
 from methods.rlr_reference import RLRReferenceModel, dense_window_masks
 
 BATCH = 4
@@ -96,15 +98,18 @@ def main() -> None:
         loss.backward()
         oracle_optimizer.step()
 
+    default = resolve_precision(torch.device("cpu"))
     steps: dict[str, Callable[[], object]] = {
-        "reconray step (cached features, efficient attention, fused Adam)": lambda: train_step(
-            efficient, efficient_optimizer, cached, JITTER
+        f"reconray step, default precision = {default} (cached features, efficient attention, fused Adam)": (
+            lambda: train_step(efficient, efficient_optimizer, cached, JITTER)
         ),
         "oracle step (backbone every step, dense masked attention, Adam)": oracle_step,
         "backbone alone (4 images, no grad)": lambda: backbone(images),
         "attention alone, efficient (LCA+MLKA fwd+bwd, all layers/levels)": _attention_step(efficient, False, cached),
         "attention alone, oracle (masks rebuilt, dense, fwd+bwd)": _attention_step(oracle, True, cached),
     }
+    if default != "float32":  # the same step without autocast, to separate the two gains
+        steps["reconray step, float32"] = lambda: train_step(efficient, efficient_optimizer, cached, JITTER, "float32")
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
     for rep in range(args.reps + 1):
         for name, step in steps.items():
@@ -125,6 +130,11 @@ def main() -> None:
     (fast_wall, fast_cpu), (slow_wall, slow_cpu) = medians[names[0]], medians[names[1]]
     print(f"\nspeed-up of the reconray step over the oracle step: {slow_wall / fast_wall:.2f}x wall, "
           f"{slow_cpu / fast_cpu:.2f}x CPU")
+    if len(names) > 5:
+        float32_wall, float32_cpu = medians[names[5]]
+        print(f"float32 reconray step over the oracle step: {slow_wall / float32_wall:.2f}x wall, "
+              f"{slow_cpu / float32_cpu:.2f}x CPU; {default} autocast over float32: "
+              f"{float32_wall / fast_wall:.2f}x wall")
     oracle_no_backbone = slow_cpu - medians[names[2]][1]
     print(f"oracle step without its backbone (CPU): {oracle_no_backbone:.2f} s -> model-only speed-up "
           f"{oracle_no_backbone / fast_cpu:.2f}x; attention alone {medians[names[4]][1] / medians[names[3]][1]:.2f}x")

@@ -77,6 +77,11 @@ class SGFR(BankMethod):
             Sparse 0.686 / 0.860, coreset 0.669 / 0.862, random 0.663 / 0.857; at a 2% basis sparse 0.702 / 0.854,
             coreset 0.688 / 0.869, random 0.589 / 0.847. Synthetic set (4 categories, mean): sparse 0.938 / 0.984,
             coreset 0.933 / 0.984, random 0.923 / 0.982, full-bank PatchCore 0.916 / 0.980.
+        max_basis: upper bound on the basis size (0 = none, the default), for deployments that need a scoring cost
+            that stops growing with the training set: every basis vector costs search time per patch. Measured on
+            MTD (678k patches; benchmarks/RESULTS.md): the 10% basis (67,789 vectors) scores at 0.43-0.5x the
+            backbone's time with image / pixel AUROC 0.946 / 0.841; max_basis=16384 scores at 0.30x but pixel
+            AUROC falls to 0.825, below full-bank PatchCore's 0.832. Quality first, so no cap by default.
         candidate_factor: each fit batch is condensed to `candidate_factor * basis_ratio` of its vectors before the
             final selection, so the driver only gathers candidates; 2 leaves the final pass room to choose.
         k: basis vectors retrieved per patch. Image AUROC grew with k (4: 0.635, 8: 0.648, 16: 0.663, 32: 0.697;
@@ -103,6 +108,7 @@ class SGFR(BankMethod):
     name = "sgfr"
     defaults: dict[str, Any] = {
         "basis_ratio": 0.1,
+        "max_basis": 0,
         "sampling": "sparse",
         "candidate_factor": 2.0,
         "k": 16,
@@ -152,7 +158,10 @@ class SGFR(BankMethod):
             raise ValueError(f"sgfr needs at least k={k} nominal vectors to build its basis, got {len(vectors)}")
         if total < len(vectors):
             raise ValueError(f"total_vectors={total} is smaller than the {len(vectors)} candidates it was condensed to")
-        n_keep = min(len(vectors), max(k, math.ceil(self.options["basis_ratio"] * total)))
+        target = math.ceil(self.options["basis_ratio"] * total)
+        if self.options["max_basis"]:
+            target = min(target, self.options["max_basis"])
+        n_keep = min(len(vectors), max(k, target))
         vectors = vectors.float()
         selected = self._select(vectors, n_keep, self.options["seed"]) if n_keep < len(vectors) else None
         basis = vectors if selected is None else vectors[selected]
@@ -470,6 +479,7 @@ def _batch_seed(seed: int, vectors: torch.Tensor) -> int:
 def _check_options(options: dict[str, Any]) -> None:
     checks = [
         ("basis_ratio", 0.0 < options["basis_ratio"] <= 1.0, "in (0, 1]"),
+        ("max_basis", options["max_basis"] >= 0, ">= 0 (0 = no cap)"),
         ("sampling", options["sampling"] in SAMPLINGS, f"one of {SAMPLINGS}"),
         ("candidate_factor", options["candidate_factor"] >= 1.0, ">= 1"),
         ("k", options["k"] >= 1, ">= 1"),

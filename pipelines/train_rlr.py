@@ -156,7 +156,8 @@ def _train_func(config: dict[str, Any]) -> None:
         )
         for batch in batches:
             features = [batch[key] for key in config["levels"]]
-            loss_sum += train_step(model, optimizer, features, options["jitter"]) * len(features[0])
+            loss = train_step(model, optimizer, features, options["jitter"], options["precision"])
+            loss_sum += loss * len(features[0])
             images += len(features[0])
         loss_sum, images = _sum_over_workers(loss_sum, images, device)
         metrics = {

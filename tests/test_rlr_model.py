@@ -11,6 +11,7 @@ from methods.rlr import (
     add_jitter,
     check_grid,
     local_window_mask,
+    resolve_precision,
     token_scores,
     window_blocks,
     window_size,
@@ -167,8 +168,9 @@ def _tiny_rlr(**options) -> RLR:
     return RLR(**(settings | options))
 
 
-def test_fit_lowers_the_loss_and_scores_anomalies_higher():
-    method = _tiny_rlr()
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_fit_lowers_the_loss_and_scores_anomalies_higher(precision):
+    method = _tiny_rlr(precision=precision)
     method.fit(_structured_batches(32, seed=0))
     losses = method.info["epoch_losses"]
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
@@ -189,6 +191,28 @@ def test_state_round_trip_rebuilds_the_same_model():
     assert state.options["channels"] == [6, 12] and state.options["grids"] == [[8, 8], [4, 4]]
     restored = RLR.from_state(state)
     assert torch.allclose(restored.score(batches[0]), method.score(batches[0]), atol=1e-6)
+
+
+def test_precision_auto_is_bfloat16_only_with_native_support_and_unknown_ones_are_refused():
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert resolve_precision(torch.device("cpu")) == ("bfloat16" if native else "float32")
+    assert resolve_precision(torch.device("cpu"), "float32") == "float32"
+    with pytest.raises(ValueError, match=r"precision 'half'.*float32"):
+        _tiny_rlr(precision="half")
+
+
+def test_bfloat16_scores_agree_with_float32_scores():
+    """Autocast changes rounding, not the score: same model, same maps up to bfloat16's ~3 significant digits."""
+    method = _tiny_rlr(precision="float32", epochs=2)
+    batches = _structured_batches(8, seed=0)
+    method.fit(batches)
+    exact = method.score(batches[0])
+    method.options["precision"] = "bfloat16"
+    mixed = method.score(batches[0])
+    assert exact.shape == mixed.shape
+    assert ((mixed - exact).abs() / exact.abs().clamp_min(1e-3)).median() < 0.02
+    ranks = torch.stack([exact.flatten().argsort().argsort(), mixed.flatten().argsort().argsort()]).float()
+    assert torch.corrcoef(ranks)[0, 1] > 0.95
 
 
 def test_score_before_fit_is_refused():

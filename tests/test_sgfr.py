@@ -137,6 +137,11 @@ def test_basis_size_follows_the_ratio_of_all_vectors_seen(sampling: str) -> None
     with pytest.raises(ValueError, match="total_vectors=50 is smaller than the 104 candidates"):
         driver.fit_bank(candidates, total_vectors=50)
 
+    capped = create_method("sgfr", sampling=sampling, basis_ratio=0.1, k=4, max_basis=40)
+    capped.fit_bank(candidates, total_vectors=512)
+    assert capped.bank_stats()[0] == 40 and capped.options["max_basis"] == 40
+    assert create_method("sgfr").options["max_basis"] == 0
+
 
 def test_neighbours_an_ivf_search_could_not_find_are_left_out_of_the_reconstruction() -> None:
     points, _ = _subspaces(4 * 64, seed=11)

@@ -1,0 +1,107 @@
+"""Fit memory: workers hold one batch of images at a time, so their peak memory does not grow with the data set.
+
+Usage:
+    python benchmarks/fit_memory.py --out runs/bench-fit-memory [--method sgfr] [--images 64 256]
+
+For each training-set size, a fresh local Ray (2 CPUs) runs the real `pipelines.fit.fit_model` on one synthetic
+category (256 px) while a sampler thread reads the unique memory (USS: pages no other process shares, so the object
+store's shared pages are not counted twice) of the driver and of every Ray worker process every 0.2 s. If a worker
+kept the images it had decoded, or the driver collected them, their peaks would grow by the raw set's size between
+the two runs (the second is 4x larger); the table shows how far they move instead, next to the size of one raw
+batch (16 float32 images of 3 x 256 x 256 = 12.6 MB) and of the raw set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import ray
+
+from pipelines.fit import fit_model
+from pipelines.ingest import plan_resources
+from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+
+IMAGE_SIZE = 256
+RAW_IMAGE_BYTES = 3 * IMAGE_SIZE * IMAGE_SIZE * 4  # one decoded, normalized float32 image
+
+
+class PeakMemory:
+    """Samples the USS of this process and of its descendants (Ray's raylet, workers, ...) until stopped."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        driver = psutil.Process(os.getpid())
+        while not self._stop.wait(self.interval_s):
+            for process in [driver, *driver.children(recursive=True)]:
+                try:
+                    role = "driver" if process.pid == driver.pid else _role(process.name(), process.cmdline())
+                    if role is not None:
+                        self.peaks[role] = max(self.peaks.get(role, 0), process.memory_full_info().uss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+
+
+def _role(name: str, cmdline: list[str]) -> str | None:
+    """Ray worker processes name themselves `ray::<what they run>`; Ray's own daemons are left out."""
+    title = " ".join(cmdline) if cmdline else name
+    if not title.startswith("ray::"):
+        return None
+    if "FeatureActor" in title:
+        return "feature actor (backbone)"
+    if "IDLE" in title:
+        return None
+    return "decode / condense tasks"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--method", default="sgfr")
+    parser.add_argument("--images", type=int, nargs="+", default=[64, 256], help="training images per run")
+    args = parser.parse_args()
+    rows = []
+    for count in args.images:
+        data = make_synthetic_dataset(
+            args.out / f"data-{count}",
+            SyntheticConfig(image_size=IMAGE_SIZE, n_train=count, n_test_good=1, n_test_defect=1, categories=("wood",)),
+        )
+        ray.init(num_cpus=2, include_dashboard=False)
+        try:
+            with PeakMemory() as memory:
+                began = time.perf_counter()
+                result = fit_model(data, args.method, args.out / f"model-{count}", resources=plan_resources())
+                seconds = time.perf_counter() - began
+        finally:
+            ray.shutdown()
+        rows.append((count, result.n_fit, seconds, memory.peaks))
+        print(f"[bench] {count} images: {memory.peaks}", flush=True)
+
+    roles = sorted({role for *_, peaks in rows for role in peaks})
+    print(f"\n| training images (fit) | raw set MB | fit s | {' | '.join(f'peak USS MB: {r}' for r in roles)} |")
+    print("|---|---|---|" + "---|" * len(roles))
+    for count, n_fit, seconds, peaks in rows:
+        cells = " | ".join(f"{peaks.get(role, 0) / 2**20:.0f}" for role in roles)
+        print(f"| {count} ({n_fit}) | {n_fit * RAW_IMAGE_BYTES / 2**20:.0f} | {seconds:.1f} | {cells} |")
+    print(f"\none raw batch (16 images): {16 * RAW_IMAGE_BYTES / 2**20:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
