@@ -60,6 +60,25 @@ def test_feature_shapes_channels_strides(extractor: FeatureExtractor, size: int)
     assert all(level.device.type == DEVICE.type and not level.requires_grad for level in features)
 
 
+def test_cpu_passes_split_large_batches_without_changing_the_features(extractor: FeatureExtractor) -> None:
+    """Batches over CPU_PASS_PIXELS run in several passes; every image gets the features it gets alone."""
+    from methods.backbone import CPU_PASS_PIXELS
+
+    size = 128
+    per_pass = CPU_PASS_PIXELS // (size * size)
+    images = torch.randn(per_pass + 3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    calls = []
+    handle = extractor.model.register_forward_hook(lambda _module, inputs, _output: calls.append(len(inputs[0])))
+    try:
+        batched = extractor(images)
+    finally:
+        handle.remove()
+    assert calls == [per_pass, 3]
+    for row in (0, per_pass - 1, per_pass, per_pass + 2):
+        for level, alone in zip(batched, extractor(images[row : row + 1]), strict=True):
+            torch.testing.assert_close(level[row : row + 1], alone, rtol=1e-4, atol=1e-4)
+
+
 def test_extractor_stays_frozen_in_eval_mode(extractor: FeatureExtractor) -> None:
     extractor.train()
     assert not any(module.training for module in extractor.modules())
