@@ -32,19 +32,20 @@ from pipelines.ingest import preprocess, preprocess_mask
 from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 BATCH = 16
-_WARM_SHAPES: set[torch.Size] = set()
 
 
-def extract(extractor: FeatureExtractor, spec: ModelSpec, samples: list, masks: bool) -> tuple[list, list, float]:
-    """Features per batch (list of per-level tensors), masks per batch, backbone ms/image."""
+def extract(extractor: FeatureExtractor, spec: ModelSpec, samples: list, masks: bool,
+            warm_shapes: set[torch.Size]) -> tuple[list, list, float]:
+    """Features per batch (list of per-level tensors), masks per batch, backbone seconds (shapes in `warm_shapes`
+    are timed without a warm-up call)."""
     batches, mask_batches, seconds = [], [], 0.0
     for start in range(0, len(samples), BATCH):
         chunk = samples[start : start + BATCH]
         images = torch.stack([preprocess(load_rgb(sample.image), spec) for sample in chunk])
         with torch.inference_mode():
-            if images.shape not in _WARM_SHAPES:  # oneDNN builds kernels per input shape on the first call
+            if images.shape not in warm_shapes:  # oneDNN builds kernels per input shape on the first call
                 extractor(images)
-                _WARM_SHAPES.add(images.shape)
+                warm_shapes.add(images.shape)
             began = time.perf_counter()
             batches.append(extractor(images))
             seconds += time.perf_counter() - began
@@ -52,7 +53,7 @@ def extract(extractor: FeatureExtractor, spec: ModelSpec, samples: list, masks: 
             mask_batches.append(np.stack([
                 preprocess_mask(load_mask(s.mask), spec.image_size) if s.mask else
                 np.zeros((spec.image_size, spec.image_size), np.uint8) for s in chunk]))
-    return batches, mask_batches, 1000.0 * seconds / len(samples)
+    return batches, mask_batches, seconds
 
 
 def fit_variant(name: str, options: dict, train: list) -> tuple[AnomalyMethod, float]:
@@ -100,15 +101,15 @@ def main() -> None:
     mean, std = backbone_normalization("tf_efficientnet_lite0")
     spec = ModelSpec("tf_efficientnet_lite0", [2, 3], 256, list(mean), list(std))
     extractor = FeatureExtractor()
+    warm_shapes: set[torch.Size] = set()
     results: dict[str, dict] = {}
     for category in sorted({sample.category for sample in samples}):
         members = [sample for sample in samples if sample.category == category]
         fit_samples, _ = calibration_split(validate(split_samples(members, "train")).samples)
         test_samples = validate(split_samples(members, "test")).samples
-        train, _, train_ms = extract(extractor, spec, fit_samples, masks=False)
-        test, test_masks, test_ms = extract(extractor, spec, test_samples, masks=True)
-        count = len(fit_samples) + len(test_samples)
-        backbone_ms = (train_ms * len(fit_samples) + test_ms * len(test_samples)) / count  # every image of the category
+        train, _, train_s = extract(extractor, spec, fit_samples, masks=False, warm_shapes=warm_shapes)
+        test, test_masks, test_s = extract(extractor, spec, test_samples, masks=True, warm_shapes=warm_shapes)
+        backbone_ms = 1000.0 * (train_s + test_s) / (len(fit_samples) + len(test_samples))  # every image
         labels = np.array([sample.label for sample in test_samples])
         fitted = {"sgfr sparse (default)": fit_variant("sgfr", {}, train)}
         total = sum(len(features[0]) * features[0].shape[2] * features[0].shape[3] for features in train)

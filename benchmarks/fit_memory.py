@@ -26,7 +26,6 @@ import psutil
 import ray
 
 from pipelines.fit import fit_model
-from pipelines.ingest import plan_resources
 from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 IMAGE_SIZE = 256
@@ -102,7 +101,7 @@ def main() -> None:
         try:
             with PeakMemory() as memory:
                 began = time.perf_counter()
-                result = fit_model(data, args.method, args.out / f"model-{count}", resources=plan_resources())
+                result = fit_model(data, args.method, args.out / f"model-{count}")
                 seconds = time.perf_counter() - began
         finally:
             ray.shutdown()
