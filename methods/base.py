@@ -152,10 +152,9 @@ class BankMethod(AnomalyMethod):
 
     def embed(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Returns the patch vectors `(B*h*w, D)` of per-level features, all levels on the finest grid."""
-        from methods.backbone import concat_levels
+        from methods.backbone import patch_vectors
 
-        patches = concat_levels(features)
-        return patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
+        return patch_vectors(features)
 
     def condense(self, vectors: torch.Tensor) -> torch.Tensor:
         """Returns the candidate vectors of one batch worth gathering; by default all of them."""

@@ -26,6 +26,7 @@ def build_index(
     use_gpu: bool | None = None,
     seed: int = 0,
     ivf_from: int | None = None,
+    search_dims: int = 0,
 ) -> faiss.Index:
     """Builds an L2 index over `vectors` `(N, D)`.
 
@@ -38,6 +39,9 @@ def build_index(
         seed: k-means seed, so that a fit is reproducible.
         ivf_from: bank size from which "auto" picks IVF; a method whose score tolerates approximate neighbours
             lowers it (None: `IVF_MIN_VECTORS`).
+        search_dims: when in (0, D), the index searches a PCA projection of the vectors onto this many dimensions
+            (a FAISS `IndexPreTransform`, trained on `vectors` and saved with the index): neighbours are found by
+            their projected distance, and the distances `search` returns are projected distances.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or len(vectors) == 0:
@@ -47,6 +51,13 @@ def build_index(
     count, dim = vectors.shape
     if kind == "auto":
         kind = "ivf" if count >= (ivf_from or IVF_MIN_VECTORS) else "flat"
+    projected = 0 < search_dims < dim
+    if projected:
+        pca = faiss.PCAMatrix(dim, search_dims)
+        pca.train(vectors)
+        searched, dim = pca.apply(vectors), search_dims
+    else:
+        searched = vectors
     if kind == "flat":
         index: faiss.Index = faiss.IndexFlatL2(dim)
     else:
@@ -56,9 +67,11 @@ def build_index(
         index.cp.min_points_per_centroid = 1  # small bases train on all they have; FAISS would warn below 39 per cell
         rng = np.random.default_rng(seed)
         sample_size = min(count, cells * _TRAIN_POINTS_PER_CELL)
-        index.train(vectors[rng.choice(count, sample_size, replace=False)] if sample_size < count else vectors)
+        index.train(searched[rng.choice(count, sample_size, replace=False)] if sample_size < count else searched)
         index.nprobe = min(nprobe, cells)
-    index.add(vectors)
+    index.add(searched)
+    if projected:
+        index = faiss.IndexPreTransform(pca, index)
     return to_device(index, use_gpu)
 
 
@@ -74,8 +87,8 @@ def to_device(index: faiss.Index, use_gpu: bool | None = None) -> faiss.Index:
 
 
 def to_cpu(index: faiss.Index) -> faiss.Index:
-    """Returns a CPU copy of a GPU index (for saving), or the index itself."""
-    return faiss.index_gpu_to_cpu(index) if hasattr(index, "getDevice") else index
+    """Returns a CPU copy of an index that lives on a GPU, also inside a PCA wrapper (for saving); else the index."""
+    return faiss.index_gpu_to_cpu(index) if gpu_available() else index
 
 
 def gpu_available() -> bool:

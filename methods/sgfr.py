@@ -21,7 +21,7 @@ The self-expressive model and the use of code usage to pick representatives come
 https://arxiv.org/abs/1203.1005); the elastic-net solver is FISTA (Beck & Teboulle, SIAM J. Imaging Sci. 2009).
 
 Example:
-    >>> method = create_method("sgfr", basis_ratio=0.1, k=16)
+    >>> method = create_method("sgfr", basis_ratio=0.1, k=8)
     >>> method.fit(feature_batches)
     >>> patch_scores = method.score(features)   # (B, h, w) residual norms
 """
@@ -52,9 +52,15 @@ the dictionary a patch is rebuilt from, and a near-nearest set spans the same lo
 sgfr's scoring time at an 11,879-vector basis (22 of 31 ms per 256 px image, 2 CPU threads); IVF with 2 sqrt(N)
 cells and nprobe 4 took 3.3 ms at a recall@16 of 0.92 (benchmarks/RESULTS.md has the quality side by side)."""
 
+IVF_CELLS_PER_SQRT = 4
+"""IVF cells = this x sqrt(basis size). A search costs a coarse pass over every cell centroid plus a scan of the
+`nprobe` visited cells: at 32 search dimensions and nprobe 4 (67,789-vector MTD basis, 2 CPU threads) 2, 4 and 8
+sqrt(N) cells took 8.8, 7.6 and 9.1 ms per 256 px image."""
+
 _SCORE_CHUNK = 1024
-"""Patches searched and solved at once when scoring: the (chunk, k, D) neighbours (10 MB at k = 16, D = 152) stay
-in cache; 1024 scored 12% faster per image than 4096 on CPU."""
+"""Patches solved at once when scoring: their (chunk, k, D) neighbours (5 MB at k = 8, D = 152) stay in cache; 1024
+scored 12% faster per image than 4096 on CPU. The FAISS search takes the whole batch in one call instead: its
+per-call cost (thread start-up, per-query set-up) fell from 14 to 9 ms per 256 px image at 8 images per call."""
 
 
 @register_method
@@ -68,9 +74,14 @@ class SGFR(BankMethod):
     λ is given relative to the feature scale: the solver uses `lam * s`, where s is the mean squared norm of the
     basis vectors (the mean diagonal of a neighbour Gram matrix BBᵀ), so one value of `lam` fits any backbone.
 
-    Options (defaults chosen on MTD *train* images only: fit on 60, validated on 200 other train images of which 100
-    carry painted defects (dark spots, foreign texture, thin cracks, brightness bumps); and on the synthetic set.
-    AUROCs below are image / pixel on that MTD-train validation, basis 10% unless said):
+    Options. The defaults were chosen on validation data only, never on a test split: MTD *train* images (fit on
+    part of them, validated on held-out ones, half of which carry painted defects) and the synthetic generator with
+    another seed than the evaluated set. Two rounds: the first (an earlier validation of 60 fit / 200 validation
+    images with the old defaults k 16, full-dimensional search) set basis_ratio, sampling, lam, tau, sampling_tau and
+    coverage_quantile; AUROCs quoted with those options are image / pixel on that validation. The second, reproducible
+    with `benchmarks/sgfr_validation.py` (542 fit / 120 validation MTD-train images, 4 synthetic categories; table in
+    benchmarks/RESULTS.md), set k, search_dims and the IVF cells, where cost decides among settings whose quality is
+    the same within the validation's noise (about +-0.03 image AUROC on 120 images):
         basis_ratio: basis size as a fraction of all nominal patch vectors seen in the fit. At 0.1 sgfr already beat
             the full PatchCore bank (random basis 0.663 / 0.857 vs PatchCore 0.628 / 0.845).
         sampling: "sparse" (sparse subspace sampling with coverage), "coreset" (greedy k-center) or "random".
@@ -78,14 +89,15 @@ class SGFR(BankMethod):
             coreset 0.688 / 0.869, random 0.589 / 0.847. Synthetic set (4 categories, mean): sparse 0.938 / 0.984,
             coreset 0.933 / 0.984, random 0.923 / 0.982, full-bank PatchCore 0.916 / 0.980.
         max_basis: upper bound on the basis size (0 = none, the default), for deployments that need a scoring cost
-            that stops growing with the training set: every basis vector costs search time per patch. Measured on
-            MTD (678k patches; benchmarks/RESULTS.md): the 10% basis (67,789 vectors) scores at 0.43-0.5x the
-            backbone's time with image / pixel AUROC 0.946 / 0.841; max_basis=16384 scores at 0.30x but pixel
-            AUROC falls to 0.825, below full-bank PatchCore's 0.832. Quality first, so no cap by default.
+            that stops growing with the training set: every basis vector costs search time per patch. On MTD (678k
+            patches) a 16,384 cap cut pixel AUROC from 0.841 to 0.825, below full-bank PatchCore's 0.832, so the
+            default keeps the whole 10% basis and gets its speed from the search instead (search_dims, nlist).
         candidate_factor: each fit batch is condensed to `candidate_factor * basis_ratio` of its vectors before the
             final selection, so the driver only gathers candidates; 2 leaves the final pass room to choose.
-        k: basis vectors retrieved per patch. Image AUROC grew with k (4: 0.635, 8: 0.648, 16: 0.663, 32: 0.697;
-            pixel flat at 0.856-0.857) while the gather + solve time doubles from 16 to 32; 16 is the cost trade-off.
+        k: basis vectors retrieved per patch (and coded over when sampling). Second round, k 8 vs 16 (image / pixel
+            / AUPRO): MTD-train 0.767 / 0.885 / 0.819 vs 0.783 / 0.888 / 0.830, synthetic mean 0.906 / 0.981 / 0.931
+            vs 0.905 / 0.981 / 0.934, at 18 vs 25 ms per image on MTD: 8, since the difference is within noise and
+            gather + Gram + solve cost grows as k to k².
         lam: ridge / elastic-net weight relative to the feature scale (see above). Flat from 0.001 to 0.3 on MTD
             (image 0.661-0.668, pixel 0.857-0.858); 0.01 beat 0.1 on the synthetic set (0.923 vs 0.917 image).
         tau: L1 share of the penalty when scoring; 0 = ridge in closed form. The elastic net (0.5) scored the same
@@ -100,8 +112,14 @@ class SGFR(BankMethod):
             to 0.634 / 0.841, below random: usage alone favours hub vectors, coverage is what makes it work.
         sample_size: vectors coded per sampling call to estimate usage.
         index, nlist, nprobe: FAISS index of the basis: "auto" (exact flat search below `IVF_FROM_VECTORS` basis
-            vectors, IVF from there on), "flat" or "ivf"; IVF cells (0 = 2 sqrt of the basis size, so that a query
-            compares against about as many centroids as vectors in its 4 probed cells) and cells visited per query.
+            vectors, IVF from there on), "flat" or "ivf"; IVF cells (0 = `IVF_CELLS_PER_SQRT` x sqrt of the basis
+            size) and cells visited per query. 4 sqrt(N) cells with nprobe 4 validated at 0.778 / 0.883 / 0.820 on
+            MTD-train (2 sqrt(N): 0.762 / 0.888 / 0.825; nprobe 2: 0.758 / 0.883 / 0.819).
+        search_dims: the neighbours are searched in a PCA projection of the features onto this many dimensions
+            (0 = the full features); the reconstruction itself always uses the full vectors. The search only picks
+            which basis vectors form a patch's dictionary, and on MTD 32 dimensions hold 80% of the basis variance:
+            32 validated at 0.762 / 0.888 / 0.825 on MTD-train against 0.777 / 0.889 / 0.828 for the full 152,
+            and the search cost fell from 27 to 8 ms per image (benchmarks/RESULTS.md).
         seed: seed of sampling and IVF training, so fits are reproducible.
     """
 
@@ -111,7 +129,7 @@ class SGFR(BankMethod):
         "max_basis": 0,
         "sampling": "sparse",
         "candidate_factor": 2.0,
-        "k": 16,
+        "k": 8,
         "lam": 0.01,
         "tau": 0.0,
         "sampling_tau": 0.5,
@@ -121,6 +139,7 @@ class SGFR(BankMethod):
         "index": "auto",
         "nlist": 0,
         "nprobe": 4,
+        "search_dims": 32,
         "seed": 0,
     }
 
@@ -171,10 +190,11 @@ class SGFR(BankMethod):
             knn.build_index(
                 basis.cpu().numpy(),
                 kind=self.options["index"],
-                nlist=self.options["nlist"] or round(2 * math.sqrt(len(basis))),
+                nlist=self.options["nlist"] or round(IVF_CELLS_PER_SQRT * math.sqrt(len(basis))),
                 nprobe=self.options["nprobe"],
                 seed=self.options["seed"],
                 ivf_from=IVF_FROM_VECTORS,
+                search_dims=self.options["search_dims"],
             ),
         )
 
@@ -183,15 +203,17 @@ class SGFR(BankMethod):
             raise RuntimeError("sgfr is not fitted: call fit() or load an artifact first")
         batch, _, height, width = features[0].shape
         targets = self.embed(features).float().to(self.basis.device)
-        scores = torch.cat([self._residual_norm(chunk) for chunk in targets.split(_SCORE_CHUNK)])
-        return scores.reshape(batch, height, width).to(features[0].device)
+        chunks = zip(targets.split(_SCORE_CHUNK), self._neighbour_ids(targets).split(_SCORE_CHUNK), strict=True)
+        scores = [self._residual_norm(chunk, chunk_ids) for chunk, chunk_ids in chunks]
+        return torch.cat(scores).reshape(batch, height, width).to(features[0].device)
 
     def residual(self, targets: torch.Tensor) -> torch.Tensor:
         """Returns the reconstruction residual `y - ŷ` `(N, D)` of patch vectors `(N, D)` (the per-dimension signal)."""
         if self.basis is None or self.index is None:
             raise RuntimeError("sgfr is not fitted: call fit() or load an artifact first")
         targets = targets.float().to(self.basis.device)
-        return torch.cat([self._residual(chunk) for chunk in targets.split(_SCORE_CHUNK)])
+        chunks = zip(targets.split(_SCORE_CHUNK), self._neighbour_ids(targets).split(_SCORE_CHUNK), strict=True)
+        return torch.cat([self._residual(chunk, chunk_ids) for chunk, chunk_ids in chunks])
 
     def state(self) -> MethodState:
         if self.basis is None or self.index is None:
@@ -221,9 +243,11 @@ class SGFR(BankMethod):
         return self
 
     def bank_stats(self) -> tuple[int | None, int | None]:
-        if self.index is None:
+        """Basis vectors, and the bytes of the basis tensor plus its index (which holds only a projection of the
+        vectors when `search_dims` is set, so both count)."""
+        if self.index is None or self.basis is None:
             return None, None
-        return int(self.index.ntotal), knn.index_bytes(self.index)
+        return int(self.index.ntotal), knn.index_bytes(self.index) + self.basis.numel() * self.basis.element_size()
 
     def _set_basis(self, basis: torch.Tensor, index: Any) -> None:
         if index.ntotal != len(basis):
@@ -232,22 +256,33 @@ class SGFR(BankMethod):
         self.index = index
         self._ridge_scale = float(basis.pow(2).sum(dim=1).mean())
 
-    def _residual(self, targets: torch.Tensor) -> torch.Tensor:
-        codes, neighbours, _, _ = self._reconstruction(targets)
+    def _neighbour_ids(self, targets: torch.Tensor) -> torch.Tensor:
+        """Ids `(N, k)` of each target's k nearest basis vectors (-1 where an IVF search found fewer)."""
+        _, ids = knn.search(self.index, targets.cpu().numpy(), self.options["k"])
+        return torch.from_numpy(ids).to(self.basis.device)
+
+    def _residual(self, targets: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        codes, neighbours, _, _ = self._reconstruction(targets, ids)
         return targets - torch.bmm(codes.unsqueeze(1), neighbours).squeeze(1)
 
-    def _residual_norm(self, targets: torch.Tensor) -> torch.Tensor:
-        """||y - cB|| from the normal equations, ||y||² - 2cᵀh + cᵀGc, without forming ŷ: the same value as the
-        residual's norm up to float rounding (relative 1e-5), a third of the cost of the explicit residual."""
-        codes, _, gram, rhs = self._reconstruction(targets)
-        fitted = (codes * torch.bmm(gram, codes.unsqueeze(2)).squeeze(2)).sum(dim=1)
-        squared = targets.pow(2).sum(dim=1) - 2.0 * (codes * rhs).sum(dim=1) + fitted
+    def _residual_norm(self, targets: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """||y - cB|| from the normal equations, without forming ŷ: the same value as the residual's norm up to float
+        rounding (relative 1e-5).
+
+        ||y - cB||² = ||y||² - 2cᵀh + cᵀGc in general; the ridge codes solve (G + αI)c = h, so cᵀGc = cᵀh - α||c||²
+        and the norm needs no product with G at all: ||y||² - cᵀh - α||c||².
+        """
+        codes, _, gram, rhs = self._reconstruction(targets, ids)
+        if self.options["tau"] == 0:
+            alpha = self.options["lam"] * self._ridge_scale / 2
+            squared = targets.pow(2).sum(dim=1) - (codes * rhs).sum(dim=1) - alpha * codes.pow(2).sum(dim=1)
+        else:
+            fitted = (codes * torch.bmm(gram, codes.unsqueeze(2)).squeeze(2)).sum(dim=1)
+            squared = targets.pow(2).sum(dim=1) - 2.0 * (codes * rhs).sum(dim=1) + fitted
         return squared.clamp_min(0.0).sqrt()
 
-    def _reconstruction(self, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _reconstruction(self, targets: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Codes `(N, k)` of each target over its retrieved basis vectors `(N, k, D)`, with their G and h."""
-        _, ids = knn.search(self.index, targets.cpu().numpy(), self.options["k"])
-        ids = torch.from_numpy(ids).to(self.basis.device)
         neighbours = self.basis[ids.clamp_min(0)]
         # An IVF search that finds fewer than k vectors in its probed cells pads with id -1: those neighbours become
         # zero vectors, which the solve gives a zero coefficient, so the patch is reconstructed from what was found.
@@ -492,6 +527,7 @@ def _check_options(options: dict[str, Any]) -> None:
         ("index", options["index"] in ("auto", "flat", "ivf"), "one of auto, flat, ivf"),
         ("nlist", options["nlist"] >= 0, ">= 0 (0 = sqrt of the basis size)"),
         ("nprobe", options["nprobe"] >= 1, ">= 1"),
+        ("search_dims", options["search_dims"] >= 0, ">= 0 (0 = search the full feature vectors)"),
     ]
     for key, valid, allowed in checks:
         if not valid:

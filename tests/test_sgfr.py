@@ -198,7 +198,8 @@ def test_auto_index_is_ivf_from_its_own_threshold_and_scores_like_exact_search()
     method = create_method("sgfr", basis_ratio=0.5, sampling="random")
     method.fit([_as_features(train, 4)])
     assert isinstance(method.index, faiss.IndexIVFFlat)
-    assert method.index.nlist == round(2 * math.sqrt(len(method.basis))) and method.index.nprobe == 4
+    cells = round(sgfr_module.IVF_CELLS_PER_SQRT * math.sqrt(len(method.basis)))
+    assert method.index.nlist == cells and method.index.nprobe == 4
     exact = create_method("sgfr", basis_ratio=0.5, sampling="random", index="flat")
     exact.fit([_as_features(train, 4)])
     assert torch.equal(exact.basis, method.basis)
@@ -232,3 +233,39 @@ def test_residual_ranks_off_subspace_patches_above_nominal_ones() -> None:
     scores = method.score(_as_features(torch.cat([normal, anomalies]), 8)).reshape(-1)
     auroc = roc_auc_score(np.r_[np.zeros(256), np.ones(256)], scores.numpy())
     assert auroc > 0.9, f"toy AUROC {auroc:.3f}"
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_projected_search_finds_the_neighbours_of_the_pca_projection_and_survives_a_round_trip(kind: str) -> None:
+    points, _ = _subspaces(2048, dim=64, subspaces=4, rank=6, seed=13)
+    index = knn.build_index(points.numpy(), kind=kind, nlist=16, nprobe=16, use_gpu=False, search_dims=12)
+    assert isinstance(index, faiss.IndexPreTransform) and index.d == 64
+    queries = points[:200].numpy() + 0.01
+    distances, ids = knn.search(index, queries, 8)
+    # The same search done by hand: PCA onto the 12 leading directions of the points, then exact search there.
+    centred = points.double().numpy() - points.double().numpy().mean(axis=0)
+    directions = np.linalg.eigh(centred.T @ centred)[1][:, ::-1][:, :12]
+    projected = NearestNeighbors(n_neighbors=8).fit(centred @ directions)
+    expected = projected.kneighbors((queries - points.double().numpy().mean(axis=0)) @ directions)
+    np.testing.assert_allclose(np.sqrt(distances), expected[0], rtol=1e-3, atol=1e-4)
+    assert (np.sort(ids, axis=1) == np.sort(expected[1], axis=1)).mean() > 0.99
+    copy = faiss.deserialize_index(faiss.serialize_index(index))
+    np.testing.assert_array_equal(knn.search(copy, queries, 8)[1], ids)
+
+
+def test_sgfr_searches_a_projection_only_when_it_is_narrower_than_the_features(tmp_path) -> None:
+    points, _ = _subspaces(4 * 64, dim=64, seed=14)
+    queries = _as_features(_subspaces(64, dim=64, seed=15)[0], 1)
+    wide = create_method("sgfr", basis_ratio=0.5, k=8, search_dims=64)
+    wide.fit([_as_features(points, 4)])
+    assert isinstance(wide.index, faiss.IndexFlatL2)
+    narrow = create_method("sgfr", basis_ratio=0.5, k=8, search_dims=16)
+    narrow.fit([_as_features(points, 4)])
+    assert isinstance(narrow.index, faiss.IndexPreTransform)
+    # The index holds 16-dimensional projections; the 64-dimensional basis it reconstructs from is counted too.
+    assert narrow.bank_stats()[1] > narrow.basis.numel() * 4 + len(narrow.basis) * 16 * 4
+    spec = ModelSpec(backbone="tf_efficientnet_lite0", levels=[2, 3], image_size=64, mean=[0.5] * 3, std=[0.5] * 3)
+    save_artifact(tmp_path, narrow, spec, threshold=None, categories=["toy"])
+    restored = load_artifact(tmp_path).method
+    assert isinstance(restored.index, faiss.IndexPreTransform)
+    assert torch.equal(restored.score(queries), narrow.score(queries))
