@@ -66,8 +66,14 @@ def fit_model(
     options: dict[str, Any] | None = None,
     on_bad_image: str = "error",
     resources: Resources | None = None,
+    feature_cache: str | Path | None = None,
 ) -> FitResult:
-    """Fits `method_name` on the normal training images of `data` and writes the artifact to `out_dir`."""
+    """Fits `method_name` on the normal training images of `data` and writes the artifact to `out_dir`.
+
+    `feature_cache` is a folder of backbone-feature caches (see `cached_features`) shared by fits of the same images,
+    so fitting several methods extracts the features once. rlr always trains from a cache (`<out_dir>/cache` unless
+    given); bank methods use one only when given, else condense features straight from the backbone.
+    """
     method = create_method(method_name, **(options or {}))
     train = split_samples(discover(data, categories), "train")
     validation = validate(train, on_bad_image)
@@ -80,11 +86,12 @@ def fit_model(
           f"{len(validation.skipped)} skipped", flush=True)
     started = time.perf_counter()
     if isinstance(method, BankMethod):
-        _fit_bank(method, fit_samples, spec, resources)
+        features = cached_features(fit_samples, spec, resources, Path(feature_cache)) if feature_cache else None
+        _fit_bank(method, fit_samples, spec, resources, features)
     else:
         from pipelines.train_rlr import train_rlr
 
-        features = cached_features(fit_samples, spec, resources, Path(out_dir) / "cache")
+        features = cached_features(fit_samples, spec, resources, Path(feature_cache or Path(out_dir) / "cache"))
         method = train_rlr(features, method, Path(out_dir).resolve() / "train", name=method_name)
     fit_s = time.perf_counter() - started
     out_dir = save_artifact(
@@ -131,9 +138,12 @@ def calibrate(model_dir: Path, calibration: Sequence[Sample], resources: Resourc
     return float(np.quantile(scores, THRESHOLD_QUANTILE))
 
 
-def _fit_bank(method: BankMethod, samples: Sequence[Sample], spec: ModelSpec, resources: Resources) -> None:
-    """Features and per-batch condensing run on the workers; the driver gathers candidates and builds the index."""
-    condensed = feature_dataset(samples, spec, resources).map_batches(
+def _fit_bank(method: BankMethod, samples: Sequence[Sample], spec: ModelSpec, resources: Resources,
+              features: ray.data.Dataset | None = None) -> None:
+    """Features (from the backbone, or `features` when cached) and per-batch condensing run on the workers; the driver
+    gathers candidates and builds the index."""
+    features = feature_dataset(samples, spec, resources) if features is None else features
+    condensed = features.map_batches(
         _condense_batch,
         fn_kwargs={"method_name": method.name, "options": method.options},
         batch_size=resources.batch_size,
@@ -159,9 +169,9 @@ def _condense_batch(batch: dict[str, np.ndarray], method_name: str, options: dic
     method = create_method(method_name, **options)
     vectors = method.embed(level_tensors(batch))
     candidates = method.condense(vectors).float().numpy()
+    images = len(batch[LEVEL_COLUMN.format(0)])
     patch_count = np.zeros(len(candidates), dtype=np.int64)
-    per_image = len(vectors) // len(batch["image"])
-    patch_count[: len(batch["image"])] = per_image
+    patch_count[:images] = len(vectors) // images
     return {"vectors": candidates, "patch_count": patch_count}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from methods.artifact import ModelSpec, load_artifact
 from pipelines import ingest
 from pipelines.datasets import Sample, discover, load_mask
+from pipelines.fit import fit_model
 from pipelines.ingest import (
     Resources,
     feature_dataset,
@@ -129,3 +131,24 @@ def test_score_actors_match_the_in_process_scorer(
         assert np.array_equal(rows["gt_mask"][row], expected)
     assert rows["gt_mask"][2:].any() and not rows["gt_mask"][:2].any()
     assert np.all(rows["extract_ms"] > 0) and np.all(rows["score_ms"] > 0)
+
+
+def test_bank_fits_sharing_a_feature_cache_extract_once_and_build_the_same_bank(
+    ray_session, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`reconray run` fits every method from one feature cache: the bank must equal the one fitted from the backbone."""
+    options = {"coreset_ratio": 1.0}
+    direct = fit_model(synthetic_root, "patchcore", tmp_path / "direct", categories=["nut"], image_size=64,
+                       options=options)
+    cache = tmp_path / "cache"
+    first = fit_model(synthetic_root, "patchcore", tmp_path / "first", categories=["nut"], image_size=64,
+                      options=options, feature_cache=cache)
+    second = fit_model(synthetic_root, "sgfr", tmp_path / "second", categories=["nut"], image_size=64,
+                       options={"basis_ratio": 0.5}, feature_cache=cache)
+    log = capsys.readouterr().out
+    assert log.count("extracting features of") == 1 and log.count("reusing cached features") == 1
+    assert len(list(cache.iterdir())) == 1
+    banks = [load_artifact(result.model_dir).method.index for result in (direct, first)]
+    vectors = [np.sort(index.reconstruct_n(0, index.ntotal), axis=0) for index in banks]
+    np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-5)
+    assert load_artifact(second.model_dir).method.bank_stats()[0] == math.ceil(0.5 * vectors[0].shape[0])
