@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/rlr_unified.py [--mtd ../shared/data/mtd/split.csv] [--out runs/bench-rlr-unified]
-        [--epochs 5] [--d-model 64] [--layers 2] [--heads 4] [--batch-size 8] [--mtd-coreset 0.1]
+        [--epochs 5] [--d-model 64] [--layers 2] [--heads 4] [--batch-size 8] [--cpus-per-worker 1] [--mtd-coreset 0.1]
 
 RLR's selling point is the unified setting: a single model trained on the union of all categories' normal images,
 evaluated per category. Patchcore, the baseline, gets one model per category. Both go through the product's own
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (= torch threads) of the RLR worker")
     parser.add_argument("--mtd-coreset", type=float, default=0.1, help="patchcore coreset ratio on MTD (1 = full)")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -81,7 +82,8 @@ def main() -> None:
         "layers": args.layers,
         "heads": args.heads,
         "batch_size": args.batch_size,
-        "checkpoint_every": args.epochs,
+        "cpus_per_worker": args.cpus_per_worker,
+        "checkpoint_every": min(args.epochs, 10),
     }
     summary: dict[str, Any] = {"rlr_options": rlr_options, "mtd_coreset": args.mtd_coreset}
     summary["rlr"] = _timed_fit_evaluate(union, "rlr", out / "rlr", options=rlr_options)

@@ -88,7 +88,7 @@ def train_rlr(
             storage_path=str(Path(run_dir).resolve()),
             failure_config=FailureConfig(max_failures=options["max_failures"]),
         ),
-        datasets={"train": train_features.randomize_block_order()},
+        datasets={"train": _streamable(train_features, options["num_workers"] * options["cpus_per_worker"])},
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -102,6 +102,25 @@ def train_rlr(
         info={**progress, "checkpoint": result.checkpoint.path},
     )
     return RLR.from_state(state)
+
+
+def _streamable(train_features: ray.data.Dataset, reserved_cpus: float) -> ray.data.Dataset:
+    """The features as the workers' shards read them: block order shuffled every epoch, materialized first when needed.
+
+    Ray Data feeds the shards with read tasks that each need a whole CPU, and Ray Train keeps Data off the CPUs its
+    workers reserve. When the workers leave less than one CPU of the cluster (one worker holding both cores of a
+    laptop), those tasks could never start and training would wait forever, so the features are read into the
+    object store before training instead.
+    """
+    total_cpus = ray.cluster_resources().get("CPU", 0.0)
+    if total_cpus - reserved_cpus < 1:
+        print(
+            f"[reconray] rlr workers reserve {reserved_cpus:g} of the cluster's {total_cpus:g} CPUs, leaving Ray Data "
+            "none to stream the features: reading them into the object store first",
+            flush=True,
+        )
+        train_features = train_features.materialize()
+    return train_features.randomize_block_order()
 
 
 def _feature_layout(train_features: ray.data.Dataset) -> tuple[list[str], list[int], list[list[int]]]:

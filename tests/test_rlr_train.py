@@ -86,3 +86,14 @@ def test_rerunning_an_interrupted_run_resumes_from_its_last_checkpoint(features,
     fitted = train_rlr(features, method, tmp_path, name="interrupted")
     assert fitted.info["epoch"] == 3
     assert fitted.info["resumed_from_epoch"] == 2
+
+
+def test_a_worker_holding_every_cpu_still_gets_its_features(features, tmp_path):
+    """One worker reserving both CPUs of the session leaves Ray Data none for read tasks: the features must still
+    reach it (materialized first) instead of the run waiting forever on a stream that cannot start."""
+    features.write_parquet(str(tmp_path / "cache"))
+    streamed = ray.data.read_parquet(str(tmp_path / "cache"))
+    method = _method(epochs=2, num_workers=1, cpus_per_worker=2.0, max_failures=0)
+    fitted = train_rlr(streamed, method, tmp_path / "runs", name="all-cpus")
+    assert fitted.info["epoch"] == 2
+    assert sorted(_checkpointed_losses(tmp_path / "runs", "all-cpus")) == [1, 2]
