@@ -86,8 +86,11 @@ def fit_model(
           f"{len(validation.skipped)} skipped", flush=True)
     started = time.perf_counter()
     if isinstance(method, BankMethod):
-        features = cached_features(fit_samples, spec, resources, Path(feature_cache)) if feature_cache else None
-        _fit_bank(method, fit_samples, spec, resources, features)
+        if feature_cache:
+            features = cached_features(fit_samples, spec, resources, Path(feature_cache))
+        else:
+            features = feature_dataset(fit_samples, spec, resources)
+        _fit_bank(method, features, len(fit_samples), resources)
     else:
         from pipelines.train_rlr import train_rlr
 
@@ -138,11 +141,8 @@ def calibrate(model_dir: Path, calibration: Sequence[Sample], resources: Resourc
     return float(np.quantile(scores, THRESHOLD_QUANTILE))
 
 
-def _fit_bank(method: BankMethod, samples: Sequence[Sample], spec: ModelSpec, resources: Resources,
-              features: ray.data.Dataset | None = None) -> None:
-    """Features (from the backbone, or `features` when cached) and per-batch condensing run on the workers; the driver
-    gathers candidates and builds the index."""
-    features = feature_dataset(samples, spec, resources) if features is None else features
+def _fit_bank(method: BankMethod, features: ray.data.Dataset, image_count: int, resources: Resources) -> None:
+    """Per-batch condensing of the features runs on the workers; the driver gathers candidates and builds the index."""
     condensed = features.map_batches(
         _condense_batch,
         fn_kwargs={"method_name": method.name, "options": method.options},
@@ -154,8 +154,8 @@ def _fit_bank(method: BankMethod, samples: Sequence[Sample], spec: ModelSpec, re
         candidates.append(as_tensor(batch["vectors"]))
         total_vectors += int(batch["patch_count"].sum())
         done += int((batch["patch_count"] > 0).sum())
-        if done % log_every(len(samples)) < len(batch["patch_count"]) or done == len(samples):
-            progress(f"fit {method.name} features", done, len(samples))
+        if done % log_every(image_count) < len(batch["patch_count"]) or done == image_count:
+            progress(f"fit {method.name} features", done, image_count)
     method.fit_bank(torch.cat(candidates), total_vectors=total_vectors)
 
 
