@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from methods import AnomalyMethod, create_method, knn
-from methods.artifact import ModelSpec
-from methods.backbone import FeatureExtractor, backbone_normalization
-from methods.metrics import compute_metrics, mean_metrics
-from methods.scoring import anomaly_map, image_scores
-from pipelines.datasets import discover, load_mask, load_rgb, split_samples, validate
-from pipelines.fit import calibration_split
-from pipelines.ingest import preprocess, preprocess_mask
-from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+from reconray.methods import AnomalyMethod, create_method, knn
+from reconray.methods.artifact import ModelSpec
+from reconray.methods.backbone import FeatureExtractor, backbone_normalization
+from reconray.methods.metrics import compute_metrics, mean_metrics
+from reconray.methods.scoring import anomaly_map, image_scores
+from reconray.pipelines.datasets import discover, load_mask, load_rgb, split_samples, validate
+from reconray.pipelines.fit import calibration_split
+from reconray.pipelines.ingest import preprocess, preprocess_mask
+from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 BATCH = 16
 

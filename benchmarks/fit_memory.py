@@ -25,8 +25,8 @@ from pathlib import Path
 import psutil
 import ray
 
-from pipelines.fit import fit_model
-from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+from reconray.pipelines.fit import fit_model
+from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 IMAGE_SIZE = 256
 RAW_IMAGE_BYTES = 3 * IMAGE_SIZE * IMAGE_SIZE * 4  # one decoded, normalized float32 image

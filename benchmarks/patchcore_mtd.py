@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from pipelines.evaluate import evaluate_model
-from pipelines.fit import fit_model
+from reconray.pipelines.evaluate import evaluate_model
+from reconray.pipelines.fit import fit_model
 
 VARIANTS = {"patchcore full bank": {}, "patchcore coreset 10%": {"coreset_ratio": 0.1}}
 

@@ -29,9 +29,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from methods.backbone import FeatureExtractor
-from methods.rlr import RLRModel, make_optimizer, resolve_precision, rlr_loss, train_step
-from methods.rlr_reference import RLRReferenceModel, dense_window_masks
+from reconray.methods.backbone import FeatureExtractor
+from reconray.methods.rlr import RLRModel, make_optimizer, resolve_precision, rlr_loss, train_step
+from reconray.methods.rlr_reference import RLRReferenceModel, dense_window_masks
 
 BATCH = 4
 IMAGE_SIZE = 256

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from methods.artifact import read_config
-from pipelines.datasets import Sample, discover
-from pipelines.evaluate import evaluate_model
-from pipelines.fit import fit_model
-from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+from reconray.methods.artifact import read_config
+from reconray.pipelines.datasets import Sample, discover
+from reconray.pipelines.evaluate import evaluate_model
+from reconray.pipelines.fit import fit_model
+from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 

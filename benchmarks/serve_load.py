@@ -34,12 +34,12 @@ import ray
 import torch
 from ray import serve
 
-from methods.artifact import load_artifact
-from pipelines.datasets import decode_rgb
-from pipelines.fit import fit_model
-from pipelines.ingest import preprocess
-from pipelines.serve import APP_NAME, build_app
-from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+from reconray.methods.artifact import load_artifact
+from reconray.pipelines.datasets import decode_rgb
+from reconray.pipelines.fit import fit_model
+from reconray.pipelines.ingest import preprocess
+from reconray.pipelines.serve import APP_NAME, build_app
+from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 WARMUP_REQUESTS = 8
 

@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bank_methods import evaluate_variant, extract, fit_variant  # noqa: E402
 
-from methods.artifact import ModelSpec  # noqa: E402
-from methods.backbone import FeatureExtractor, backbone_normalization  # noqa: E402
-from methods.base import resolve_options  # noqa: E402
-from methods.metrics import mean_metrics  # noqa: E402
-from methods.sgfr import SGFR  # noqa: E402
-from pipelines.datasets import Sample, discover, load_rgb, split_samples, validate  # noqa: E402
-from pipelines.fit import calibration_split  # noqa: E402
-from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset  # noqa: E402
+from reconray.methods.artifact import ModelSpec  # noqa: E402
+from reconray.methods.backbone import FeatureExtractor, backbone_normalization  # noqa: E402
+from reconray.methods.base import resolve_options  # noqa: E402
+from reconray.methods.metrics import mean_metrics  # noqa: E402
+from reconray.methods.sgfr import SGFR  # noqa: E402
+from reconray.pipelines.datasets import Sample, discover, load_rgb, split_samples, validate  # noqa: E402
+from reconray.pipelines.fit import calibration_split  # noqa: E402
+from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset  # noqa: E402
 
 MTD_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "split.csv"
 DEFECT_PAINTERS = ("hole", "crack", "bump")

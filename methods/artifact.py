@@ -1,8 +1,9 @@
 """Save and load fitted models as a directory of plain, hash-checked files: never pickle.
 
 Layout of an artifact directory:
-    config.json          method, options, backbone, levels, image size, normalization, threshold, categories,
-                         schema version and the sha256 of every other file
+    config.json          `ArtifactConfig`: method, options, feature spec (backbone, levels, image size,
+                         normalization), threshold, categories, fit record, bank size, schema version and the sha256
+                         of every other file
     tensors.safetensors  the method's tensors (absent when it has none)
     <name>.faiss         each FAISS index, written with `faiss.write_index`
 
@@ -17,26 +18,24 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import faiss
+import pydantic
 import torch
 from safetensors.torch import load_file, save_file
 
-from methods.backbone import FeatureExtractor
-from methods.base import METHODS, AnomalyMethod, MethodState
-from methods.scoring import Scorer
+from reconray.methods.backbone import FeatureExtractor
+from reconray.methods.base import METHODS, AnomalyMethod, MethodState
+from reconray.methods.errors import ArtifactError
+from reconray.methods.scoring import Scorer
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "tensors.safetensors"
 
 
-class ArtifactError(ValueError):
-    """An artifact directory that cannot be loaded as it is (missing, tampered, or from another schema)."""
-
-
-@dataclasses.dataclass
+@pydantic.dataclasses.dataclass
 class ModelSpec:
     """How images become features: the part of a model that is not the method."""
 
@@ -50,10 +49,34 @@ class ModelSpec:
     def extractor(self) -> FeatureExtractor:
         return FeatureExtractor(self.backbone, self.levels, weights=self.weights)
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> ModelSpec:
-        """The spec stored in an artifact's config.json."""
-        return cls(**{field.name: config[field.name] for field in dataclasses.fields(cls)})
+
+class FitRecord(pydantic.BaseModel):
+    """What the fit saw: its duration, how many images it fitted on and held out, and the images it skipped."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    fit_s: float | None = None
+    n_fit: int = 0
+    n_calibration: int = 0
+    skipped: list[dict[str, str]] = []
+
+
+class ArtifactConfig(pydantic.BaseModel):
+    """The schema of config.json: read and written only here, so every reader sees typed, checked fields."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    schema_version: Literal[2] = SCHEMA_VERSION
+    method: str
+    options: dict[str, Any]
+    method_info: dict[str, Any] = {}
+    spec: ModelSpec
+    threshold: float | None = None
+    categories: list[str] = []
+    fit: FitRecord = FitRecord()
+    bank_vectors: int | None = None
+    bank_bytes: int | None = None
+    sha256: dict[str, str] = {}
 
 
 @dataclasses.dataclass
@@ -61,11 +84,20 @@ class Artifact:
     """A loaded model: the method, how to extract its features, its threshold and what it was fitted on."""
 
     method: AnomalyMethod
-    spec: ModelSpec
-    threshold: float | None
-    categories: list[str]
-    info: dict[str, Any]
+    config: ArtifactConfig
     sha256: str
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.config.spec
+
+    @property
+    def threshold(self) -> float | None:
+        return self.config.threshold
+
+    @property
+    def categories(self) -> list[str]:
+        return self.config.categories
 
     def scorer(self, device: torch.device | str = "cpu") -> Scorer:
         return Scorer(self.spec.extractor(), self.method, device)
@@ -77,7 +109,7 @@ def save_artifact(
     spec: ModelSpec,
     threshold: float | None,
     categories: list[str],
-    info: dict[str, Any] | None = None,
+    fit: FitRecord | None = None,
 ) -> Path:
     """Writes `method` and its feature spec to `directory`; returns the directory."""
     directory = Path(directory)
@@ -91,17 +123,19 @@ def save_artifact(
     for name, index in state.indexes.items():
         faiss.write_index(index, str(directory / f"{name}.faiss"))
         files.append(f"{name}.faiss")
-    config = {
-        "schema_version": SCHEMA_VERSION,
-        "method": method.name,
-        "options": state.options,
-        "method_info": state.info,
-        **dataclasses.asdict(spec),
-        "threshold": threshold,
-        "categories": categories,
-        "info": info or {},
-        "sha256": {name: _sha256(directory / name) for name in files},
-    }
+    bank_vectors, bank_bytes = method.bank_stats()
+    config = ArtifactConfig(
+        method=method.name,
+        options=state.options,
+        method_info=state.info,
+        spec=spec,
+        threshold=threshold,
+        categories=categories,
+        fit=fit or FitRecord(),
+        bank_vectors=bank_vectors,
+        bank_bytes=bank_bytes,
+        sha256={name: _sha256(directory / name) for name in files},
+    )
     _write_config(directory, config)
     return directory
 
@@ -110,61 +144,56 @@ def load_artifact(directory: str | Path) -> Artifact:
     """Loads an artifact written by `save_artifact`, after checking the schema and every file's sha256."""
     directory = Path(directory)
     config = read_config(directory)
-    for name, expected in config["sha256"].items():
+    for name, expected in config.sha256.items():
         path = directory / name
         if not path.is_file():
             raise ArtifactError(f"{path}: file listed in {CONFIG_FILE} is missing")
         if _sha256(path) != expected:
             raise ArtifactError(f"{path}: sha256 does not match {CONFIG_FILE} (file truncated or modified)")
-    method_class = METHODS.get(config["method"])
+    method_class = METHODS.get(config.method)
     if method_class is None:
-        raise ArtifactError(f"{directory}: unknown method {config['method']!r}; known: {sorted(METHODS)}")
-    files = config["sha256"]
+        raise ArtifactError(f"{directory}: unknown method {config.method!r}; known: {sorted(METHODS)}")
     state = MethodState(
-        options=config["options"],
-        tensors=load_file(str(directory / TENSORS_FILE)) if TENSORS_FILE in files else {},
-        indexes={name[: -len(".faiss")]: faiss.read_index(str(directory / name)) for name in files
+        options=config.options,
+        tensors=load_file(str(directory / TENSORS_FILE)) if TENSORS_FILE in config.sha256 else {},
+        indexes={name[: -len(".faiss")]: faiss.read_index(str(directory / name)) for name in config.sha256
                  if name.endswith(".faiss")},
-        info=config["method_info"],
+        info=config.method_info,
     )
-    spec = ModelSpec.from_config(config)
-    return Artifact(
-        method=method_class.from_state(state),
-        spec=spec,
-        threshold=config["threshold"],
-        categories=config["categories"],
-        info=config["info"],
-        sha256=_sha256(directory / CONFIG_FILE),
-    )
+    return Artifact(method=method_class.from_state(state), config=config, sha256=_sha256(directory / CONFIG_FILE))
 
 
 def set_threshold(directory: str | Path, threshold: float | None) -> None:
     """Stores a (re)calibrated decision threshold; config.json is rewritten atomically, the tensors untouched."""
     config = read_config(directory)
-    config["threshold"] = threshold
-    _write_config(Path(directory), config)
+    _write_config(Path(directory), config.model_copy(update={"threshold": threshold}))
 
 
-def read_config(directory: str | Path) -> dict[str, Any]:
+def read_config(directory: str | Path) -> ArtifactConfig:
     """Reads and checks `config.json` of an artifact without loading tensors (cheap, for listings and the CLI)."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise ArtifactError(f"{directory}: not a reconray model (no {CONFIG_FILE})")
     try:
-        config = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ArtifactError(f"{path}: not valid JSON ({error})") from error
-    if config.get("schema_version") != SCHEMA_VERSION:
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
         raise ArtifactError(
-            f"{path}: schema version {config.get('schema_version')!r} is not supported (this reconray reads "
-            f"{SCHEMA_VERSION})"
+            f"{path}: schema version {version!r} is not supported (this reconray reads {SCHEMA_VERSION}); refit the "
+            "model with this version"
         )
-    return config
+    try:
+        return ArtifactConfig.model_validate(raw)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors())
+        raise ArtifactError(f"{path}: {problems}") from None
 
 
-def _write_config(directory: Path, config: dict[str, Any]) -> None:
+def _write_config(directory: Path, config: ArtifactConfig) -> None:
     temporary = directory / f".{CONFIG_FILE}.tmp"
-    temporary.write_text(json.dumps(config, indent=2))
+    temporary.write_text(config.model_dump_json(indent=2))
     os.replace(temporary, directory / CONFIG_FILE)
 
 

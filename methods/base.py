@@ -8,7 +8,7 @@ already locally averaged (see `methods.backbone`). It returns patch-level anomal
 smoothing and the image score live in `methods.scoring`, so every method and every entry point post-processes alike.
 
 Example:
-    >>> method = create_method("patchcore", coreset_ratio=0.1)
+    >>> method = create_method("patchcore", coreset_ratio=0.1)   # options validated here (OptionError)
     >>> method.fit(feature_batches)            # iterable of list[Tensor]
     >>> patch_scores = method.score(features)  # (B, h, w)
     >>> restored = type(method).from_state(method.state())
@@ -18,13 +18,26 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import faiss
+import pydantic
 import torch
 
+from reconray.methods.errors import DatasetError, OptionError
+
 METHODS: dict[str, type[AnomalyMethod]] = {}
+
+
+class MethodOptions(pydantic.BaseModel):
+    """Typed, validated options of one method: each subclass declares its fields with defaults and ranges.
+
+    Values given as text (`--set key=value`) are converted to the field's type ("16" -> 16, "true" -> True), and a
+    value out of range or of the wrong kind is refused when the method is built, before any feature is extracted.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclasses.dataclass
@@ -35,7 +48,7 @@ class MethodState:
         options: JSON-serialisable options the method was built with (after defaults were applied).
         tensors: named tensors, saved with safetensors.
         indexes: named FAISS indexes, saved with `faiss.write_index`.
-        info: JSON-serialisable facts about the fit (bank size, ...), stored in config.json.
+        info: JSON-serialisable facts about the fit (basis sampling, training curve, ...), stored in config.json.
     """
 
     options: dict[str, Any]
@@ -47,20 +60,23 @@ class MethodState:
 class AnomalyMethod(ABC):
     """A method that learns nominal features and scores patches by how far they are from nominal.
 
-    Subclasses declare `name` and `defaults` (every accepted option with its default value); unknown options are
-    refused with the list of accepted ones, and values given as strings (from `--set key=value`) are cast to the
-    type of the default.
+    Subclasses declare `name` and `Options` (a `MethodOptions` model); `self.options` is the validated instance.
     """
 
     name: ClassVar[str]
-    defaults: ClassVar[dict[str, Any]]
+    Options: ClassVar[type[MethodOptions]]
 
     def __init__(self, **options: Any) -> None:
-        self.options = resolve_options(self.name, self.defaults, options)
+        self.options = parse_options(self.name, self.Options, options)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every accepted option with its default value."""
+        return cls.Options().model_dump()
 
     @abstractmethod
     def fit(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
-        """Learns nominal features from batches of per-level features of normal images."""
+        """Learns nominal features from batches of per-level features of normal images, in this process."""
 
     @abstractmethod
     def score(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -93,53 +109,26 @@ def register_method(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
 
 
 def create_method(name: str, **options: Any) -> AnomalyMethod:
-    """Builds the registered method `name` with `options` (strings are cast to each default's type)."""
+    """Builds the registered method `name` with `options` (text values are converted to each option's type)."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+        raise OptionError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name](**options)
 
 
-def resolve_options(method: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """Merges `options` into `defaults`, casting strings to the default's type and refusing unknown keys."""
-    unknown = sorted(set(options) - set(defaults))
+def parse_options(method: str, options_class: type[MethodOptions], options: dict[str, Any]) -> MethodOptions:
+    """Validates `options` against `options_class`; the error names the method, the key and the value."""
+    accepted = sorted(options_class.model_fields)
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; accepted: {sorted(defaults)}")
-    resolved = dict(defaults)
-    for key, value in options.items():
-        resolved[key] = _cast_like(defaults[key], value, f"{method}.{key}")
-    return resolved
-
-
-_BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def _cast_like(default: Any, value: Any, label: str) -> Any:
-    if not isinstance(value, str) or isinstance(default, str):
-        return value
-    casters: dict[type, Callable[[str], Any]] = {
-        bool: lambda text: _BOOLEAN_WORDS[text.lower()],
-        int: int,
-        float: float,
-    }
-    caster = casters.get(type(default))
-    if default is None:
-        caster = _parse_loose
-    if caster is None:
-        raise ValueError(f"option {label} cannot be set from text (default {default!r})")
+        raise OptionError(f"unknown option(s) {unknown} for method {method!r}; accepted: {accepted}")
     try:
-        return caster(value)
-    except (KeyError, ValueError) as error:
-        raise ValueError(f"option {label}={value!r} is not a valid {type(default).__name__}") from error
-
-
-def _parse_loose(text: str) -> Any:
-    """Parses an option whose default is None: int, then float, then 'none', else the text itself."""
-    for caster in (int, float):
-        try:
-            return caster(text)
-        except ValueError:
-            pass
-    return None if text.lower() == "none" else text
+        return options_class(**options)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(
+            f"{method}.{'.'.join(str(part) for part in item['loc'])}={item.get('input')!r}: {item['msg']}"
+            for item in error.errors()
+        )
+        raise OptionError(f"invalid option: {problems}") from None
 
 
 class BankMethod(AnomalyMethod):
@@ -152,7 +141,7 @@ class BankMethod(AnomalyMethod):
 
     def embed(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Returns the patch vectors `(B*h*w, D)` of per-level features, all levels on the finest grid."""
-        from methods.backbone import patch_vectors
+        from reconray.methods.backbone import patch_vectors
 
         return patch_vectors(features)
 
@@ -175,5 +164,5 @@ class BankMethod(AnomalyMethod):
             total_vectors += len(vectors)
             candidates.append(self.condense(vectors))
         if not candidates:
-            raise ValueError(f"{self.name}: no training features to fit on (empty training split?)")
+            raise DatasetError(f"{self.name}: no training features to fit on (empty training split?)")
         self.fit_bank(torch.cat(candidates), total_vectors=total_vectors)

@@ -13,13 +13,16 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from methods import knn
-from methods.base import BankMethod, MethodState, register_method
+from reconray.methods import knn
+from reconray.methods.base import BankMethod, MethodOptions, MethodState, register_method
+from reconray.methods.coreset import greedy_coreset
+from reconray.methods.errors import check_fitted
 
 
 @register_method
@@ -33,13 +36,17 @@ class PatchCore(BankMethod):
         seed: seed of the coreset start and the IVF k-means, so fits are reproducible.
     """
 
-    name = "patchcore"
-    defaults: dict[str, Any] = {"coreset_ratio": 1.0, "index": "auto", "nlist": 0, "nprobe": 16, "seed": 0}
+    class Options(MethodOptions):
+        coreset_ratio: float = Field(1.0, gt=0.0, le=1.0)
+        index: Literal["auto", "flat", "ivf"] = "auto"
+        nlist: int = Field(0, ge=0)
+        nprobe: int = Field(16, ge=1)
+        seed: int = 0
 
-    def __init__(self, **options: Any) -> None:
+    name = "patchcore"
+
+    def __init__(self, **options: object) -> None:
         super().__init__(**options)
-        if not 0.0 < self.options["coreset_ratio"] <= 1.0:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.options['coreset_ratio']}")
         self.index = None
 
     def condense(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -49,36 +56,31 @@ class PatchCore(BankMethod):
         of one global greedy pass, but linear in the data instead of quadratic (a global pass over MTD's 680k
         patches would take tens of minutes on CPU), and it distributes over Ray Data workers.
         """
-        ratio = self.options["coreset_ratio"]
+        ratio = self.options.coreset_ratio
         if ratio >= 1.0:
             return vectors
         keep = max(1, int(round(ratio * len(vectors))))
-        return vectors[greedy_coreset(vectors, keep, seed=self.options["seed"])]
+        return vectors[greedy_coreset(vectors, keep, seed=self.options.seed)]
 
     def fit_bank(self, vectors: torch.Tensor, total_vectors: int | None = None) -> None:
         self.index = knn.build_index(
             vectors.float().cpu().numpy(),
-            kind=self.options["index"],
-            nlist=self.options["nlist"] or None,
-            nprobe=self.options["nprobe"],
-            seed=self.options["seed"],
+            kind=self.options.index,
+            nlist=self.options.nlist or None,
+            nprobe=self.options.nprobe,
+            seed=self.options.seed,
         )
 
     def score(self, features: list[torch.Tensor]) -> torch.Tensor:
-        if self.index is None:
-            raise RuntimeError("patchcore is not fitted: call fit() or load an artifact first")
+        check_fitted(self.name, self.index is not None, "score()")
         batch, _, height, width = features[0].shape
         distances, _ = knn.search(self.index, self.embed(features).float().cpu().numpy(), k=1)
         patch_scores = torch.from_numpy(np.sqrt(np.maximum(distances[:, 0], 0.0)))
         return patch_scores.reshape(batch, height, width).to(features[0].device)
 
     def state(self) -> MethodState:
-        vectors, size = self.bank_stats()
-        return MethodState(
-            options=dict(self.options),
-            indexes={"bank": knn.to_cpu(self.index)},
-            info={"bank_vectors": vectors, "bank_bytes": size},
-        )
+        check_fitted(self.name, self.index is not None, "state()")
+        return MethodState(options=self.options.model_dump(), indexes={"bank": knn.to_cpu(self.index)})
 
     @classmethod
     def from_state(cls, state: MethodState) -> PatchCore:
@@ -90,31 +92,3 @@ class PatchCore(BankMethod):
         if self.index is None:
             return None, None
         return int(self.index.ntotal), knn.index_bytes(self.index)
-
-
-def greedy_coreset(
-    vectors: torch.Tensor, n: int, seed: int = 0, projection_dim: int | None = 128
-) -> torch.Tensor:
-    """Returns the indices of `n` vectors chosen by greedy k-center selection (farthest point first).
-
-    Distances are computed in a random Gaussian projection to `projection_dim` dimensions (Johnson-Lindenstrauss),
-    as PatchCore does, because selection only needs their ranking and full-width distances cost more.
-    """
-    if not 0 < n <= len(vectors):
-        raise ValueError(f"coreset size must be in 1..{len(vectors)}, got {n}")
-    generator = torch.Generator().manual_seed(seed)
-    points = vectors.float()
-    if projection_dim is not None and points.shape[1] > projection_dim:
-        projection = torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5
-        points = points @ projection.to(points.device)
-    start = int(torch.randint(len(points), (1,), generator=generator))
-    squared_norms = (points * points).sum(dim=1)
-    selected = torch.empty(n, dtype=torch.long)
-    min_distance = torch.full((len(points),), float("inf"), device=points.device)
-    for position in range(n):
-        center = start if position == 0 else int(torch.argmax(min_distance))
-        selected[position] = center
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product per step.
-        distance = squared_norms - 2.0 * (points @ points[center]) + squared_norms[center]
-        min_distance = torch.minimum(min_distance, distance)
-    return selected

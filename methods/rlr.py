@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import AnomalyMethod, MethodState, register_method
+from reconray.methods.base import AnomalyMethod, MethodState, register_method
 
 Grid = tuple[int, int]
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from methods.rlr import check_grid, sincos_position_code, token_embedding, window_size
+from reconray.methods.rlr import check_grid, sincos_position_code, token_embedding, window_size
 
 
 def dense_window_masks(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from methods.backbone import FeatureExtractor
-from methods.base import AnomalyMethod
+from reconray.methods.backbone import FeatureExtractor
+from reconray.methods.base import AnomalyMethod
 
 GAUSSIAN_SIGMA = 4.0
 
@@ -107,3 +107,9 @@ class Scorer:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def is_anomalous(score: float, threshold: float | None) -> bool | None:
+    """The decision rule everywhere (predict, serve, reports): anomalous when the score exceeds the threshold; None
+    when the model has no threshold."""
+    return None if threshold is None else bool(score > threshold)

@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from methods import knn
-from methods.base import BankMethod, MethodState, register_method
-from methods.patchcore import greedy_coreset
-
-SAMPLINGS = ("sparse", "coreset", "random")
+from reconray.methods import knn
+from reconray.methods.base import BankMethod, MethodOptions, MethodState, register_method
+from reconray.methods.coreset import greedy_coreset
+from reconray.methods.errors import DatasetError, check_fitted
 
 _MAX_DENSITY_RANK = 1024
 """Cap on m, the neighbour rank that sets the coverage radius: only bases under 0.1% of the data reach it, and it
@@ -48,19 +48,16 @@ bounds the neighbour search (and stays within the k <= 2048 that FAISS GPU index
 IVF_FROM_VECTORS = 2048
 """sgfr's basis gets an IVF index (index="auto") from this size on, far below patchcore's `knn.IVF_MIN_VECTORS`:
 patchcore's score *is* the nearest distance, which an approximate search inflates, while sgfr's neighbours only pick
-the dictionary a patch is rebuilt from, and a near-nearest set spans the same local subspace. Exact search was 70% of
-sgfr's scoring time at an 11,879-vector basis (22 of 31 ms per 256 px image, 2 CPU threads); IVF with 2 sqrt(N)
-cells and nprobe 4 took 3.3 ms at a recall@16 of 0.92 (benchmarks/RESULTS.md has the quality side by side)."""
+the dictionary a patch is rebuilt from, and a near-nearest set spans the same local subspace (measurements:
+benchmarks/notes/sgfr.md)."""
 
 IVF_CELLS_PER_SQRT = 4
 """IVF cells = this x sqrt(basis size). A search costs a coarse pass over every cell centroid plus a scan of the
-`nprobe` visited cells: at 32 search dimensions and nprobe 4 (67,789-vector MTD basis, 2 CPU threads) 2, 4 and 8
-sqrt(N) cells took 8.8, 7.6 and 9.1 ms per 256 px image."""
+`nprobe` visited cells; more cells make the first dearer and the second cheaper (timings: benchmarks/notes/sgfr.md)."""
 
 _SCORE_CHUNK = 1024
-"""Patches solved at once when scoring: their (chunk, k, D) neighbours (5 MB at k = 8, D = 152) stay in cache; 1024
-scored 12% faster per image than 4096 on CPU. The FAISS search takes the whole batch in one call instead: its
-per-call cost (thread start-up, per-query set-up) fell from 14 to 9 ms per 256 px image at 8 images per call."""
+"""Patches solved at once when scoring: their (chunk, k, D) neighbours stay in cache. The FAISS search takes the
+whole batch in one call instead, since its per-call cost (thread start-up, per-query set-up) is paid per call."""
 
 
 @register_method
@@ -74,78 +71,51 @@ class SGFR(BankMethod):
     λ is given relative to the feature scale: the solver uses `lam * s`, where s is the mean squared norm of the
     basis vectors (the mean diagonal of a neighbour Gram matrix BBᵀ), so one value of `lam` fits any backbone.
 
-    Options. The defaults were chosen on validation data only, never on a test split: MTD *train* images (fit on
-    part of them, validated on held-out ones, half of which carry painted defects) and the synthetic generator with
-    another seed than the evaluated set. Two rounds: the first (an earlier validation of 60 fit / 200 validation
-    images with the old defaults k 16, full-dimensional search) set basis_ratio, sampling, lam, tau, sampling_tau and
-    coverage_quantile; AUROCs quoted with those options are image / pixel on that validation. The second, reproducible
-    with `benchmarks/sgfr_validation.py` (542 fit / 120 validation MTD-train images, 4 synthetic categories; table in
-    benchmarks/RESULTS.md), set k, search_dims and the IVF cells, where cost decides among settings whose quality is
-    the same within the validation's noise (about +-0.03 image AUROC on 120 images):
-        basis_ratio: basis size as a fraction of all nominal patch vectors seen in the fit. At 0.1 sgfr already beat
-            the full PatchCore bank (random basis 0.663 / 0.857 vs PatchCore 0.628 / 0.845).
+    Options (`--set key=value`; the validation behind each default: benchmarks/notes/sgfr.md):
+        basis_ratio: basis size as a fraction of all nominal patch vectors seen in the fit.
+        max_basis: upper bound on the basis size (0 = none), for a scoring cost that stops growing with the data.
         sampling: "sparse" (sparse subspace sampling with coverage), "coreset" (greedy k-center) or "random".
-            Sparse 0.686 / 0.860, coreset 0.669 / 0.862, random 0.663 / 0.857; at a 2% basis sparse 0.702 / 0.854,
-            coreset 0.688 / 0.869, random 0.589 / 0.847. Synthetic set (4 categories, mean): sparse 0.938 / 0.984,
-            coreset 0.933 / 0.984, random 0.923 / 0.982, full-bank PatchCore 0.916 / 0.980.
-        max_basis: upper bound on the basis size (0 = none, the default), for deployments that need a scoring cost
-            that stops growing with the training set: every basis vector costs search time per patch. On MTD (678k
-            patches) a 16,384 cap cut pixel AUROC from 0.841 to 0.825, below full-bank PatchCore's 0.832, so the
-            default keeps the whole 10% basis and gets its speed from the search instead (search_dims, nlist).
         candidate_factor: each fit batch is condensed to `candidate_factor * basis_ratio` of its vectors before the
-            final selection, so the driver only gathers candidates; 2 leaves the final pass room to choose.
-        k: basis vectors retrieved per patch (and coded over when sampling). Second round, k 8 vs 16 (image / pixel
-            / AUPRO): MTD-train 0.767 / 0.885 / 0.819 vs 0.783 / 0.888 / 0.830, synthetic mean 0.906 / 0.981 / 0.931
-            vs 0.905 / 0.981 / 0.934, at 18 vs 25 ms per image on MTD: 8, since the difference is within noise and
-            gather + Gram + solve cost grows as k to k².
-        lam: ridge / elastic-net weight relative to the feature scale (see above). Flat from 0.001 to 0.3 on MTD
-            (image 0.661-0.668, pixel 0.857-0.858); 0.01 beat 0.1 on the synthetic set (0.923 vs 0.917 image).
-        tau: L1 share of the penalty when scoring; 0 = ridge in closed form. The elastic net (0.5) scored the same
-            (0.664 / 0.857) at tens of times the solve cost, so it stays an option.
-        sampling_tau: L1 share of the penalty of the sampling codes, > 0 so that usage concentrates on the
-            neighbours that span a vector's neighbourhood (0.5 uses about 10 of 16 on MTD features, 0.9 about 7),
-            while the L2 share keeps the code unique among near-duplicate neighbours. 0.9 measured the same within
-            noise (MTD 0.690 / 0.859, synthetic 0.928 / 0.983).
+            final selection, so the driver only gathers candidates and the final pass has room to choose.
+        k: basis vectors retrieved per patch (and coded over when sampling); solve cost grows as k to k².
+        lam: ridge / elastic-net weight relative to the feature scale (see above).
+        tau: L1 share of the penalty when scoring; 0 = ridge in closed form, > 0 the elastic net by FISTA.
+        sampling_tau: L1 share of the sampling codes' penalty, > 0 so that usage concentrates on the neighbours that
+            span a vector's neighbourhood, while the L2 share keeps the code unique among near-duplicates.
         iterations: FISTA iterations of every elastic-net solve (fixed, so a score never depends on its batch).
         coverage_quantile: coverage radius = this quantile of distances to the m-th nearest neighbour (see
-            `sparse_sample`). 0.9: 0.686 / 0.860; 0.99: 0.690 / 0.847; 1.0, which makes coverage nearly void, fell
-            to 0.634 / 0.841, below random: usage alone favours hub vectors, coverage is what makes it work.
+            `sparse_sample`); 1.0 makes coverage nearly void, and usage alone then favours hub vectors.
         sample_size: vectors coded per sampling call to estimate usage.
-        index, nlist, nprobe: FAISS index of the basis: "auto" (exact flat search below `IVF_FROM_VECTORS` basis
-            vectors, IVF from there on), "flat" or "ivf"; IVF cells (0 = `IVF_CELLS_PER_SQRT` x sqrt of the basis
-            size) and cells visited per query. 4 sqrt(N) cells with nprobe 4 validated at 0.778 / 0.883 / 0.820 on
-            MTD-train (2 sqrt(N): 0.762 / 0.888 / 0.825; nprobe 2: 0.758 / 0.883 / 0.819).
-        search_dims: the neighbours are searched in a PCA projection of the features onto this many dimensions
-            (0 = the full features); the reconstruction itself always uses the full vectors. The search only picks
-            which basis vectors form a patch's dictionary, and on MTD 32 dimensions hold 80% of the basis variance:
-            32 validated at 0.762 / 0.888 / 0.825 on MTD-train against 0.777 / 0.889 / 0.828 for the full 152,
-            and the search cost fell from 27 to 8 ms per image (benchmarks/RESULTS.md).
+        index, nlist, nprobe: FAISS index of the basis: "auto" (exact below `IVF_FROM_VECTORS` basis vectors, IVF
+            from there on), "flat" or "ivf"; IVF cells (0 = `IVF_CELLS_PER_SQRT` x sqrt of the basis size) and
+            cells visited per query.
+        search_dims: neighbours are searched in a PCA projection onto this many dimensions (0 = the full features);
+            the reconstruction always uses the full vectors, since the search only picks the dictionary.
         seed: seed of sampling and IVF training, so fits are reproducible.
     """
 
+    class Options(MethodOptions):
+        basis_ratio: float = Field(0.1, gt=0.0, le=1.0)
+        max_basis: int = Field(0, ge=0)
+        sampling: Literal["sparse", "coreset", "random"] = "sparse"
+        candidate_factor: float = Field(2.0, ge=1.0)
+        k: int = Field(8, ge=1)
+        lam: float = Field(0.01, gt=0.0)
+        tau: float = Field(0.0, ge=0.0, le=1.0)
+        sampling_tau: float = Field(0.5, gt=0.0, le=1.0)
+        iterations: int = Field(100, ge=1)
+        coverage_quantile: float = Field(0.9, gt=0.0, le=1.0)
+        sample_size: int = Field(8192, ge=1)
+        index: Literal["auto", "flat", "ivf"] = "auto"
+        nlist: int = Field(0, ge=0)
+        nprobe: int = Field(4, ge=1)
+        search_dims: int = Field(32, ge=0)
+        seed: int = 0
+
     name = "sgfr"
-    defaults: dict[str, Any] = {
-        "basis_ratio": 0.1,
-        "max_basis": 0,
-        "sampling": "sparse",
-        "candidate_factor": 2.0,
-        "k": 8,
-        "lam": 0.01,
-        "tau": 0.0,
-        "sampling_tau": 0.5,
-        "iterations": 100,
-        "coverage_quantile": 0.9,
-        "sample_size": 8192,
-        "index": "auto",
-        "nlist": 0,
-        "nprobe": 4,
-        "search_dims": 32,
-        "seed": 0,
-    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        _check_options(self.options)
         self.basis: torch.Tensor | None = None
         self.index = None
         self._ridge_scale = 0.0
@@ -153,11 +123,11 @@ class SGFR(BankMethod):
 
     def condense(self, vectors: torch.Tensor) -> torch.Tensor:
         """Keeps `candidate_factor * basis_ratio` of one batch's vectors, chosen by the configured sampling."""
-        ratio = min(1.0, self.options["candidate_factor"] * self.options["basis_ratio"])
-        n_keep = max(self.options["k"], math.ceil(ratio * len(vectors)))
+        ratio = min(1.0, self.options.candidate_factor * self.options.basis_ratio)
+        n_keep = max(self.options.k, math.ceil(ratio * len(vectors)))
         if n_keep >= len(vectors):
             return vectors
-        return vectors[self._select(vectors, n_keep, _batch_seed(self.options["seed"], vectors))]
+        return vectors[self._select(vectors, n_keep, _batch_seed(self.options.seed, vectors))]
 
     def fit_bank(self, vectors: torch.Tensor, total_vectors: int | None = None) -> None:
         """Selects the basis from the gathered candidates and indexes it.
@@ -172,35 +142,34 @@ class SGFR(BankMethod):
                 to; None when `vectors` are all of them.
         """
         total = len(vectors) if total_vectors is None else total_vectors
-        k = self.options["k"]
+        k = self.options.k
         if len(vectors) < k:
-            raise ValueError(f"sgfr needs at least k={k} nominal vectors to build its basis, got {len(vectors)}")
+            raise DatasetError(f"sgfr needs at least k={k} nominal vectors to build its basis, got {len(vectors)}")
         if total < len(vectors):
             raise ValueError(f"total_vectors={total} is smaller than the {len(vectors)} candidates it was condensed to")
-        target = math.ceil(self.options["basis_ratio"] * total)
-        if self.options["max_basis"]:
-            target = min(target, self.options["max_basis"])
+        target = math.ceil(self.options.basis_ratio * total)
+        if self.options.max_basis:
+            target = min(target, self.options.max_basis)
         n_keep = min(len(vectors), max(k, target))
         vectors = vectors.float()
-        selected = self._select(vectors, n_keep, self.options["seed"]) if n_keep < len(vectors) else None
+        selected = self._select(vectors, n_keep, self.options.seed) if n_keep < len(vectors) else None
         basis = vectors if selected is None else vectors[selected]
         self._fit_info = {"seen_vectors": int(total), "candidate_vectors": len(vectors), "target_basis": n_keep}
         self._set_basis(
             basis,
             knn.build_index(
                 basis.cpu().numpy(),
-                kind=self.options["index"],
-                nlist=self.options["nlist"] or round(IVF_CELLS_PER_SQRT * math.sqrt(len(basis))),
-                nprobe=self.options["nprobe"],
-                seed=self.options["seed"],
+                kind=self.options.index,
+                nlist=self.options.nlist or round(IVF_CELLS_PER_SQRT * math.sqrt(len(basis))),
+                nprobe=self.options.nprobe,
+                seed=self.options.seed,
                 ivf_from=IVF_FROM_VECTORS,
-                search_dims=self.options["search_dims"],
+                search_dims=self.options.search_dims,
             ),
         )
 
     def score(self, features: list[torch.Tensor]) -> torch.Tensor:
-        if self.basis is None or self.index is None:
-            raise RuntimeError("sgfr is not fitted: call fit() or load an artifact first")
+        check_fitted(self.name, self.basis is not None, "score()")
         batch, _, height, width = features[0].shape
         targets = self.embed(features).float().to(self.basis.device)
         chunks = zip(targets.split(_SCORE_CHUNK), self._neighbour_ids(targets).split(_SCORE_CHUNK), strict=True)
@@ -209,21 +178,18 @@ class SGFR(BankMethod):
 
     def residual(self, targets: torch.Tensor) -> torch.Tensor:
         """Returns the reconstruction residual `y - ŷ` `(N, D)` of patch vectors `(N, D)` (the per-dimension signal)."""
-        if self.basis is None or self.index is None:
-            raise RuntimeError("sgfr is not fitted: call fit() or load an artifact first")
+        check_fitted(self.name, self.basis is not None, "residual()")
         targets = targets.float().to(self.basis.device)
         chunks = zip(targets.split(_SCORE_CHUNK), self._neighbour_ids(targets).split(_SCORE_CHUNK), strict=True)
         return torch.cat([self._residual(chunk, chunk_ids) for chunk, chunk_ids in chunks])
 
     def state(self) -> MethodState:
-        if self.basis is None or self.index is None:
-            raise RuntimeError("sgfr is not fitted: there is no state to save")
-        vectors, size = self.bank_stats()
+        check_fitted(self.name, self.basis is not None, "state()")
         return MethodState(
-            options=dict(self.options),
+            options=self.options.model_dump(),
             tensors={"basis": self.basis.cpu().contiguous()},
             indexes={"basis": knn.to_cpu(self.index)},
-            info={"basis_vectors": vectors, "bank_vectors": vectors, "bank_bytes": size, **self._fit_info},
+            info=dict(self._fit_info),
         )
 
     @classmethod
@@ -258,7 +224,7 @@ class SGFR(BankMethod):
 
     def _neighbour_ids(self, targets: torch.Tensor) -> torch.Tensor:
         """Ids `(N, k)` of each target's k nearest basis vectors (-1 where an IVF search found fewer)."""
-        _, ids = knn.search(self.index, targets.cpu().numpy(), self.options["k"])
+        _, ids = knn.search(self.index, targets.cpu().numpy(), self.options.k)
         return torch.from_numpy(ids).to(self.basis.device)
 
     def _residual(self, targets: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -273,8 +239,8 @@ class SGFR(BankMethod):
         and the norm needs no product with G at all: ||y||² - cᵀh - α||c||².
         """
         codes, _, gram, rhs = self._reconstruction(targets, ids)
-        if self.options["tau"] == 0:
-            alpha = self.options["lam"] * self._ridge_scale / 2
+        if self.options.tau == 0:
+            alpha = self.options.lam * self._ridge_scale / 2
             squared = targets.pow(2).sum(dim=1) - (codes * rhs).sum(dim=1) - alpha * codes.pow(2).sum(dim=1)
         else:
             fitted = (codes * torch.bmm(gram, codes.unsqueeze(2)).squeeze(2)).sum(dim=1)
@@ -290,11 +256,11 @@ class SGFR(BankMethod):
         if bool(missing.any()):
             neighbours.masked_fill_(missing.unsqueeze(2), 0.0)
         gram, rhs = normal_equations(neighbours, targets)
-        lam, tau, iterations = self.options["lam"] * self._ridge_scale, self.options["tau"], self.options["iterations"]
+        lam, tau, iterations = self.options.lam * self._ridge_scale, self.options.tau, self.options.iterations
         return solve_codes(gram, rhs, lam, tau, iterations), neighbours, gram, rhs
 
     def _select(self, vectors: torch.Tensor, n_keep: int, seed: int) -> torch.Tensor:
-        sampling = self.options["sampling"]
+        sampling = self.options.sampling
         if sampling == "random":
             generator = torch.Generator().manual_seed(seed)
             return torch.randperm(len(vectors), generator=generator)[:n_keep]
@@ -303,13 +269,13 @@ class SGFR(BankMethod):
         return sparse_sample(
             vectors,
             n_keep,
-            k=self.options["k"],
-            lam=self.options["lam"],
-            tau=self.options["sampling_tau"],
-            sample_size=self.options["sample_size"],
-            coverage_quantile=self.options["coverage_quantile"],
+            k=self.options.k,
+            lam=self.options.lam,
+            tau=self.options.sampling_tau,
+            sample_size=self.options.sample_size,
+            coverage_quantile=self.options.coverage_quantile,
             seed=seed,
-            iterations=self.options["iterations"],
+            iterations=self.options.iterations,
         )
 
 
@@ -510,25 +476,3 @@ def _batch_seed(seed: int, vectors: torch.Tensor) -> int:
     first = np.ascontiguousarray(vectors[:1].detach().float().cpu().numpy())
     return (seed * 1_000_003 + zlib.crc32(first.tobytes()) + len(vectors)) % (2**31)
 
-
-def _check_options(options: dict[str, Any]) -> None:
-    checks = [
-        ("basis_ratio", 0.0 < options["basis_ratio"] <= 1.0, "in (0, 1]"),
-        ("max_basis", options["max_basis"] >= 0, ">= 0 (0 = no cap)"),
-        ("sampling", options["sampling"] in SAMPLINGS, f"one of {SAMPLINGS}"),
-        ("candidate_factor", options["candidate_factor"] >= 1.0, ">= 1"),
-        ("k", options["k"] >= 1, ">= 1"),
-        ("lam", options["lam"] > 0.0, "> 0"),
-        ("tau", 0.0 <= options["tau"] <= 1.0, "in [0, 1]"),
-        ("sampling_tau", 0.0 < options["sampling_tau"] <= 1.0, "in (0, 1]"),
-        ("iterations", options["iterations"] >= 1, ">= 1"),
-        ("coverage_quantile", 0.0 < options["coverage_quantile"] <= 1.0, "in (0, 1]"),
-        ("sample_size", options["sample_size"] >= 1, ">= 1"),
-        ("index", options["index"] in ("auto", "flat", "ivf"), "one of auto, flat, ivf"),
-        ("nlist", options["nlist"] >= 0, ">= 0 (0 = sqrt of the basis size)"),
-        ("nprobe", options["nprobe"] >= 1, ">= 1"),
-        ("search_dims", options["search_dims"] >= 0, ">= 0 (0 = search the full feature vectors)"),
-    ]
-    for key, valid, allowed in checks:
-        if not valid:
-            raise ValueError(f"sgfr option {key}={options[key]!r} is invalid; it must be {allowed}")

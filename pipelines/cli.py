@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from methods import METHODS
-from methods.artifact import ArtifactError
-from methods.backbone import DEFAULT_BACKBONE
-from pipelines.datasets import DatasetError
+from reconray.methods import METHODS
+from reconray.methods.artifact import ArtifactError
+from reconray.methods.backbone import DEFAULT_BACKBONE
+from reconray.pipelines.datasets import DatasetError
 
 
 def _key_values(pairs: Sequence[str]) -> dict[str, str]:
@@ -87,11 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        from pipelines.run import run_default
+        from reconray.pipelines.run import run_default
 
         run_default(args.out)
     elif args.command == "fit":
-        from pipelines.fit import fit_model
+        from reconray.pipelines.fit import fit_model
 
         fit_model(
             args.data, args.method, args.out, categories=_categories(args.categories), backbone=args.backbone,
@@ -99,19 +99,19 @@ def _dispatch(args: argparse.Namespace) -> int:
             weights=args.weights, options=_key_values(args.options), on_bad_image=args.on_bad_image,
         )
     elif args.command == "evaluate":
-        from pipelines.evaluate import evaluate_model
+        from reconray.pipelines.evaluate import evaluate_model
 
         metrics = evaluate_model(args.model, args.data, args.out, categories=_categories(args.categories),
                                  on_bad_image=args.on_bad_image)
         print("[reconray] mean: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics["mean"].items()
                                               if isinstance(v, float)))
     elif args.command == "predict":
-        from pipelines.evaluate import predict_images
+        from reconray.pipelines.evaluate import predict_images
 
         for prediction in predict_images(args.model, args.images, args.out, threshold=args.threshold):
             print(f"{prediction['image']}: score {prediction['score']:.4f} anomalous={prediction['is_anomalous']}")
     elif args.command == "serve":
-        from pipelines.serve import ServeOptions, serve_model
+        from reconray.pipelines.serve import ServeOptions, serve_model
 
         settings = {
             "threshold": args.threshold, "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,

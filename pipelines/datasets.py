@@ -23,12 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from reconray.methods.errors import DatasetError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NORMAL = "good"
-
-
-class DatasetError(ValueError):
-    """Input data that cannot be used as it is; the message names the file or folder and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)

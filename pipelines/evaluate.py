@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from methods.artifact import read_config
-from methods.metrics import compute_metrics, mean_metrics
-from pipelines.datasets import Sample, discover, load_rgb, split_samples, validate
-from pipelines.ingest import Resources, log_every, plan_resources, progress, score_dataset
-from pipelines.report import heatmap_scale, method_report, render_overlay, write_json
-from pipelines.runtime import ensure_ray
+from reconray.methods.artifact import read_config
+from reconray.methods.metrics import compute_metrics, mean_metrics
+from reconray.pipelines.datasets import Sample, discover, load_rgb, split_samples, validate
+from reconray.pipelines.ingest import Resources, log_every, plan_resources, progress, score_dataset
+from reconray.pipelines.report import heatmap_scale, method_report, render_overlay, write_json
+from reconray.pipelines.runtime import ensure_ray
 
 HEATMAPS_PER_END = 2
 """Heatmaps written per category: this many of the highest and of the lowest scored test images."""
@@ -65,30 +65,29 @@ def evaluate_model(
         score_ms += list(batch["score_ms"])
         done += len(batch["image"])
         if done % log_every(len(validation.samples)) < len(batch["image"]) or done == len(validation.samples):
-            progress(f"evaluate {config['method']}", done, len(validation.samples))
+            progress(f"evaluate {config.method}", done, len(validation.samples))
 
     category_metrics, heatmaps = {}, {}
     for category, scores in sorted(per_category.items()):
         category_metrics[category] = compute_metrics(
             np.array(scores.labels), np.array(scores.scores), np.stack(scores.masks), np.stack(scores.maps)
         )
-        heatmaps[category] = _write_heatmaps(out_dir, category, scores, config["threshold"])
-    method_info = config.get("method_info", {})
+        heatmaps[category] = _write_heatmaps(out_dir, category, scores, config.threshold)
     metrics = {
-        "method": config["method"],
-        "backbone": config["backbone"],
+        "method": config.method,
+        "backbone": config.spec.backbone,
         "categories": category_metrics,
         "mean": mean_metrics(category_metrics),
         "timing": {
             "extract_ms_per_image": float(np.mean(extract_ms)),
             "score_ms_per_image": float(np.mean(score_ms)),
-            "fit_s": config["info"].get("fit_s"),
-            "bank_vectors": method_info.get("bank_vectors"),
-            "bank_bytes": method_info.get("bank_bytes"),
+            "fit_s": config.fit.fit_s,
+            "bank_vectors": config.bank_vectors,
+            "bank_bytes": config.bank_bytes,
         },
-        "threshold": config["threshold"],
+        "threshold": config.threshold,
         "skipped": validation.skipped,
-        "skipped_in_fit": config["info"].get("skipped", []),
+        "skipped_in_fit": config.fit.skipped,
     }
     write_json(out_dir / "metrics.json", metrics)
     skipped = validation.skipped + [{**entry, "problem": f"{entry['problem']} (skipped in fit)"}
@@ -122,7 +121,7 @@ def predict_images(
     if not images:
         raise ValueError("predict needs at least one image")
     config = read_config(model_dir)
-    threshold = config["threshold"] if threshold is None else threshold
+    threshold = config.threshold if threshold is None else threshold
     samples = validate([Sample(str(Path(image).resolve()), "", "test", 0) for image in images]).samples
     ensure_ray()
     resources = resources or plan_resources()

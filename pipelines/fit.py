@@ -19,11 +19,11 @@ import numpy as np
 import ray
 import torch
 
-from methods import BankMethod, create_method
-from methods.artifact import ModelSpec, save_artifact, set_threshold
-from methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_LEVELS, backbone_normalization
-from pipelines.datasets import Sample, discover, split_samples, validate
-from pipelines.ingest import (
+from reconray.methods import BankMethod, create_method
+from reconray.methods.artifact import ModelSpec, save_artifact, set_threshold
+from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_LEVELS, backbone_normalization
+from reconray.pipelines.datasets import Sample, discover, split_samples, validate
+from reconray.pipelines.ingest import (
     LEVEL_COLUMN,
     Resources,
     as_tensor,
@@ -34,7 +34,7 @@ from pipelines.ingest import (
     progress,
     score_dataset,
 )
-from pipelines.runtime import ensure_ray
+from reconray.pipelines.runtime import ensure_ray
 
 CALIBRATION_RATIO = 0.1
 """Share of each category's normal training images held out of the fit to calibrate the threshold."""
@@ -92,7 +92,7 @@ def fit_model(
             features = feature_dataset(fit_samples, spec, resources)
         _fit_bank(method, features, len(fit_samples), resources)
     else:
-        from pipelines.train_rlr import train_rlr
+        from reconray.pipelines.train_rlr import train_rlr
 
         features = cached_features(fit_samples, spec, resources, Path(feature_cache or Path(out_dir) / "cache"))
         method = train_rlr(features, method, Path(out_dir).resolve() / "train", name=method_name)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from ray.data import ActorPoolStrategy
 
-from methods.artifact import ModelSpec, load_artifact, read_config
-from pipelines.datasets import Sample, load_mask, load_rgb
+from reconray.methods.artifact import ModelSpec, load_artifact, read_config
+from reconray.pipelines.datasets import Sample, load_mask, load_rgb
 
 LEVEL_COLUMN = "level_{}"
 SAMPLE_COLUMNS = ("image", "category", "split", "label", "defect", "mask")
@@ -86,7 +86,7 @@ def score_dataset(
     model_dir: str, samples: Sequence[Sample], resources: Resources, masks: bool = False, threshold: float | None = None
 ) -> ray.data.Dataset:
     """Rows with `image_score`, `anomaly_map` `(S, S)` and per-image timings, scored by the artifact's `Scorer`."""
-    spec = load_spec(model_dir)
+    spec = read_config(model_dir).spec
     return image_dataset(samples, spec, resources, masks=masks).map_batches(
         _ScoreActor,
         fn_constructor_kwargs={"model_dir": str(model_dir), "threads": resources.torch_threads},
@@ -95,12 +95,6 @@ def score_dataset(
         num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor,
     )
-
-
-def load_spec(model_dir: str) -> ModelSpec:
-    """The feature spec of an artifact, read from its config.json alone (no tensors loaded)."""
-    config = read_config(model_dir)
-    return ModelSpec.from_config(config)
 
 
 def preprocess(rgb: np.ndarray, spec: ModelSpec) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from methods.metrics import METRIC_NAMES
+from reconray.methods.metrics import METRIC_NAMES
 
 _COLORMAP_ANCHORS = np.array(
     [[0, 0, 0.5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [0.5, 0, 0]], dtype=np.float32

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from methods import METHODS
-from pipelines.evaluate import evaluate_model
-from pipelines.fit import fit_model
-from pipelines.report import comparison_report, write_json
-from pipelines.runtime import ensure_ray
-from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+from reconray.methods import METHODS
+from reconray.pipelines.evaluate import evaluate_model
+from reconray.pipelines.fit import fit_model
+from reconray.pipelines.report import comparison_report, write_json
+from reconray.pipelines.runtime import ensure_ray
+from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 RUN_OPTIONS: dict[str, dict[str, Any]] = {
     "patchcore": {"coreset_ratio": 0.1},

@@ -13,7 +13,7 @@ hashes when it loads it and runs torch on as many threads as it holds CPUs.
 Example:
     $ reconray serve --model runs/latest/models/patchcore
     $ curl -s -H "Content-Type: image/png" --data-binary @part.png "http://127.0.0.1:8000/v1/score?heatmap=true"
-    $ serve run pipelines.serve:build_app model_dir=runs/latest/models/patchcore max_replicas=4
+    $ serve run reconray.pipelines.serve:build_app model_dir=runs/latest/models/patchcore max_replicas=4
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the route signatures of a Serve ingress class at run
@@ -46,11 +46,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from methods.artifact import load_artifact, read_config
-from pipelines.datasets import ImageTooLargeError, decode_rgb
-from pipelines.ingest import preprocess
-from pipelines.report import heatmap_scale, render_overlay
-from pipelines.runtime import ensure_ray
+from reconray.methods.artifact import load_artifact, read_config
+from reconray.pipelines.datasets import ImageTooLargeError, decode_rgb
+from reconray.pipelines.ingest import preprocess
+from reconray.pipelines.report import heatmap_scale, render_overlay
+from reconray.pipelines.runtime import ensure_ray
 
 APP_NAME = "reconray"
 DEFAULT_MAX_BYTES = 20_000_000
@@ -67,7 +67,7 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib
 
 
 class ServeOptions(BaseModel):
-    """Deployment settings: the arguments of `build_app`, of `serve run pipelines.serve:build_app key=value ...` and
+    """Deployment settings: the arguments of `build_app`, of `serve run reconray.pipelines.serve:build_app key=value ...` and
     of a RayService `args:` block. Strings from the command line are converted and range-checked here."""
 
     model_config = ConfigDict(extra="forbid")

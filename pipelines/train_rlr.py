@@ -35,8 +35,8 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
-from methods.base import MethodState
-from methods.rlr import RLR, make_optimizer, train_step
+from reconray.methods.base import MethodState
+from reconray.methods.rlr import RLR, make_optimizer, train_step
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"

@@ -18,12 +18,12 @@ import ray
 import torch
 from PIL import Image
 
-from methods import create_method
-from methods.artifact import ModelSpec, save_artifact
-from methods.backbone import DEFAULT_BACKBONE, DEFAULT_LEVELS, FeatureExtractor, backbone_normalization
-from pipelines.datasets import load_rgb
-from pipelines.ingest import preprocess
-from pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+from reconray.methods import create_method
+from reconray.methods.artifact import ModelSpec, save_artifact
+from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_LEVELS, FeatureExtractor, backbone_normalization
+from reconray.pipelines.datasets import load_rgb
+from reconray.pipelines.ingest import preprocess
+from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 TEST_IMAGE_SIZE = 64
 """Input side used by every test that runs the backbone: 8x8 patch grid at level 2, fast on 2 shared cores."""

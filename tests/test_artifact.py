@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from methods import METHODS, create_method
-from methods.artifact import (
+from reconray.methods import METHODS, create_method
+from reconray.methods.artifact import (
     CONFIG_FILE,
     SCHEMA_VERSION,
     TENSORS_FILE,
@@ -23,7 +23,7 @@ from methods.artifact import (
     save_artifact,
     set_threshold,
 )
-from methods.base import AnomalyMethod, MethodState
+from reconray.methods.base import AnomalyMethod, MethodState
 
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".bin", ".npy", ".npz", ".joblib"}
 

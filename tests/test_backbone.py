@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from methods.backbone import (
+from reconray.methods.backbone import (
     DEFAULT_BACKBONE,
     DEFAULT_IMAGE_SIZE,
     FeatureExtractor,
@@ -62,7 +62,7 @@ def test_feature_shapes_channels_strides(extractor: FeatureExtractor, size: int)
 
 def test_cpu_passes_split_large_batches_without_changing_the_features(extractor: FeatureExtractor) -> None:
     """Batches over CPU_PASS_PIXELS run in several passes; every image gets the features it gets alone."""
-    from methods.backbone import CPU_PASS_PIXELS
+    from reconray.methods.backbone import CPU_PASS_PIXELS
 
     size = 128
     per_pass = CPU_PASS_PIXELS // (size * size)

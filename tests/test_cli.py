@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from methods.artifact import load_artifact, read_config
-from methods.metrics import METRIC_NAMES
-from pipelines import run
-from pipelines.cli import main
+from reconray.methods.artifact import load_artifact, read_config
+from reconray.methods.metrics import METRIC_NAMES
+from reconray.pipelines import run
+from reconray.pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["fabric", "nut"]
@@ -232,7 +232,7 @@ def test_console_process_exits_non_zero_with_the_error_on_stderr(tmp_path: Path)
     empty = tmp_path / "empty"
     empty.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "fit", "--data", str(empty), "--method", "patchcore", "--out",
+        [sys.executable, "-m", "reconray.pipelines.cli", "fit", "--data", str(empty), "--method", "patchcore", "--out",
          str(tmp_path / "model")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
@@ -252,7 +252,7 @@ def test_run_command_passes_its_out_dir(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 _CONNECT_CHECK = """
 import json, os, ray
-from pipelines.runtime import ensure_ray
+from reconray.pipelines.runtime import ensure_ray
 
 ensure_ray()
 ensure_ray()  # a second call is a no-op

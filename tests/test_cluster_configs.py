@@ -4,8 +4,8 @@ from pathlib import Path
 
 import yaml
 
-from methods import METHODS
-from pipelines.serve import ServeOptions
+from reconray.methods import METHODS
+from reconray.pipelines.serve import ServeOptions
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 
@@ -29,5 +29,5 @@ def test_rayjob_entrypoint_uses_real_method_options() -> None:
 def test_rayservice_args_are_valid_serve_options() -> None:
     service = yaml.safe_load((CLUSTER / "rayservice.yaml").read_text())
     application = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
-    assert application["import_path"] == "pipelines.serve:build_app"
+    assert application["import_path"] == "reconray.pipelines.serve:build_app"
     ServeOptions(**application["args"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.datasets import (
+from reconray.pipelines.datasets import (
     NORMAL,
     DatasetError,
     Sample,

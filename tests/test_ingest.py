@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from methods.artifact import ModelSpec, load_artifact
-from pipelines import ingest
-from pipelines.datasets import Sample, discover, load_mask
-from pipelines.fit import fit_model
-from pipelines.ingest import (
+from reconray.methods.artifact import ModelSpec, load_artifact
+from reconray.pipelines import ingest
+from reconray.pipelines.datasets import Sample, discover, load_mask
+from reconray.pipelines.fit import fit_model
+from reconray.pipelines.ingest import (
     Resources,
     feature_dataset,
     image_dataset,

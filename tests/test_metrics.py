@@ -9,7 +9,7 @@ import pytest
 from skimage.measure import label as label_regions
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from methods.metrics import (
+from reconray.methods.metrics import (
     METRIC_NAMES,
     aupro,
     compute_metrics,

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.evaluate import evaluate_model
-from pipelines.fit import fit_model
+from reconray.pipelines.evaluate import evaluate_model
+from reconray.pipelines.fit import fit_model
 
 MTD_SPLIT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "split.csv"
 DEFECT_TYPES = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from methods import create_method, knn
-from methods.patchcore import PatchCore, greedy_coreset
+from reconray.methods import create_method, knn
+from reconray.methods.patchcore import PatchCore, greedy_coreset
 
 
 def _clusters(count: int, dim: int, clusters: int = 10, spread: float = 0.05, seed: int = 0) -> torch.Tensor:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from methods.rlr import (
+from reconray.methods.rlr import (
     RLR,
     RLRModel,
     add_jitter,
@@ -16,7 +16,7 @@ from methods.rlr import (
     window_blocks,
     window_size,
 )
-from methods.rlr_reference import RLRReferenceModel, dense_window_masks
+from reconray.methods.rlr_reference import RLRReferenceModel, dense_window_masks
 
 
 @pytest.fixture(autouse=True, scope="module")

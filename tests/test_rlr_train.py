@@ -11,8 +11,8 @@ import ray
 import ray.train
 import torch
 
-from methods.rlr import RLR
-from pipelines.train_rlr import PROGRESS_FILE, train_rlr
+from reconray.methods.rlr import RLR
+from reconray.pipelines.train_rlr import PROGRESS_FILE, train_rlr
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 from scipy import ndimage
 from skimage.transform import resize
 
-from methods.backbone import FeatureExtractor
-from methods.base import AnomalyMethod, MethodState
-from methods.scoring import GAUSSIAN_SIGMA, Scorer, anomaly_map, image_scores
+from reconray.methods.backbone import FeatureExtractor
+from reconray.methods.base import AnomalyMethod, MethodState
+from reconray.methods.scoring import GAUSSIAN_SIGMA, Scorer, anomaly_map, image_scores
 
 RADIUS = int(4 * GAUSSIAN_SIGMA)
 

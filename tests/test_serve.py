@@ -21,12 +21,12 @@ import ray
 from PIL import Image
 from ray import serve
 
-from methods.artifact import load_artifact
-from methods.backbone import DEFAULT_BACKBONE
-from pipelines.cli import main
-from pipelines.evaluate import predict_images
-from pipelines.ingest import Resources
-from pipelines.serve import APP_NAME, DEFAULT_MAX_BYTES, GPU_BATCH_SIZE, ServeOptions, build_app
+from reconray.methods.artifact import load_artifact
+from reconray.methods.backbone import DEFAULT_BACKBONE
+from reconray.pipelines.cli import main
+from reconray.pipelines.evaluate import predict_images
+from reconray.pipelines.ingest import Resources
+from reconray.pipelines.serve import APP_NAME, DEFAULT_MAX_BYTES, GPU_BATCH_SIZE, ServeOptions, build_app
 
 REPLICA_CPUS = 0.5
 

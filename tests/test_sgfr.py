@@ -12,10 +12,10 @@ from sklearn.linear_model import ElasticNet
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from methods import create_method, knn
-from methods import sgfr as sgfr_module
-from methods.artifact import ModelSpec, load_artifact, save_artifact
-from methods.sgfr import SGFR, elastic_net_codes, ridge_codes, self_expressive_codes, sparse_sample
+from reconray.methods import create_method, knn
+from reconray.methods import sgfr as sgfr_module
+from reconray.methods.artifact import ModelSpec, load_artifact, save_artifact
+from reconray.methods.sgfr import SGFR, elastic_net_codes, ridge_codes, self_expressive_codes, sparse_sample
 
 
 def _as_features(vectors: torch.Tensor, batch: int) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.synthetic import (
+from reconray.pipelines.synthetic import (
     DEFAULT_CATEGORIES,
     DEFECT_KINDS,
     SyntheticConfig,
