@@ -124,11 +124,16 @@ def parse_options(method: str, options_class: type[MethodOptions], options: dict
     try:
         return options_class(**options)
     except pydantic.ValidationError as error:
-        problems = "; ".join(
-            f"{method}.{'.'.join(str(part) for part in item['loc'])}={item.get('input')!r}: {item['msg']}"
-            for item in error.errors()
-        )
-        raise OptionError(f"invalid option: {problems}") from None
+        raise OptionError("; ".join(_option_problem(method, item) for item in error.errors())) from None
+
+
+def _option_problem(method: str, item: Any) -> str:
+    """One pydantic error as `method.key=value: what is accepted` (or `method: problem` for cross-field checks)."""
+    message = item["msg"].removeprefix("Value error, ")
+    if not item["loc"]:
+        return f"invalid {method} options: {message}"
+    key = ".".join(str(part) for part in item["loc"])
+    return f"invalid option {method}.{key}={item.get('input')!r}: {message}"
 
 
 class BankMethod(AnomalyMethod):

@@ -1,12 +1,17 @@
 """Detection and localization metrics for anomaly detection: image AUROC, image F1-max, pixel AUROC, pixel AP, AUPRO.
 
-Every metric ranks the scores once (one argsort), groups equal scores into one threshold the way scikit-learn does,
-and reads true/false positive counts off cumulative sums, so a category of 100+ images at 256x256 (~7M pixels) is
-scored in about a second of one CPU core with pure numpy. AUPRO follows the MVTec AD evaluation code (Bergmann et
-al., "The MVTec Anomaly Detection Dataset", IJCV 2021): defect regions are the 8-connected components of each mask,
-PRO at a threshold is the mean over all regions of the fraction of the region's pixels scored at or above it, the
-false-positive rate is the fraction of all normal pixels (over every image) at or above it, and the PRO curve is
-integrated up to FPR 0.3 (interpolated exactly at 0.3) and divided by 0.3 so a perfect localizer scores 1.
+The image metrics are scikit-learn's. The pixel metrics rank the pixels once (one argsort), group equal scores into
+one threshold the way scikit-learn does, and read true/false positive counts off cumulative sums, so the three pixel
+metrics of `compute_metrics` share one ranking of the millions of pixels of a category; three scikit-learn calls
+would sort them three times and hold more copies (measured in benchmarks/notes/metrics.md, which is why this path
+is kept). The single-metric pixel functions use the same code, so they equal `compute_metrics` exactly; the tests
+check all of them against scikit-learn and a per-threshold reference.
+
+AUPRO follows the MVTec AD evaluation code (Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021):
+defect regions are the 8-connected components of each mask, PRO at a threshold is the mean over all regions of the
+fraction of the region's pixels scored at or above it, the false-positive rate is the fraction of all normal pixels
+(over every image) at or above it, and the PRO curve is integrated up to FPR 0.3 (interpolated exactly at 0.3) and
+divided by 0.3 so a perfect localizer scores 1.
 
 A metric that is undefined for the given data (no anomalous image, no normal image, no defect pixel, ...) is None,
 never an exception, so one degenerate category does not abort an evaluation; `mean_metrics` skips the Nones.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
 _COUNT_NAMES = ("n_images", "n_anomalous")
@@ -86,13 +92,6 @@ def _average_precision(tps: np.ndarray, fps: np.ndarray) -> float | None:
     return float(np.dot(recall_steps, precision) / tps[-1])
 
 
-def _f1_max(tps: np.ndarray, fps: np.ndarray) -> float | None:
-    """Best F1 over all thresholds; F1 = 2 TP / (TP + FP + P) avoids dividing by zero-precision points."""
-    if tps.size == 0 or tps[-1] == 0:
-        return None
-    return float(np.max(2 * tps / (tps + fps + tps[-1])))
-
-
 def _aupro(ranking: _Ranking, masks: np.ndarray, fps: np.ndarray, fpr_limit: float) -> float | None:
     """Area under the PRO-vs-FPR curve up to `fpr_limit`, divided by `fpr_limit`.
 
@@ -112,12 +111,22 @@ def _aupro(ranking: _Ranking, masks: np.ndarray, fps: np.ndarray, fpr_limit: flo
     n_kept = min(n_inside + 1, threshold_fpr.size)
     fpr = np.concatenate(([0.0], threshold_fpr[:n_kept]))
     pro = np.concatenate(([0.0], ranking.cumulative(region_weight, regions, n_kept)))
-    if n_inside < n_kept:
-        # The curve crosses fpr_limit between the last point inside and the first point beyond: cut it exactly there.
-        share = (fpr_limit - fpr[-2]) / (fpr[-1] - fpr[-2])
-        pro[-1] = pro[-2] + share * (pro[-1] - pro[-2])
-        fpr[-1] = fpr_limit
-    return float(np.sum(np.diff(fpr) * (pro[1:] + pro[:-1])) / 2 / fpr_limit)
+    return _area_to_limit(fpr, pro, fpr_limit)
+
+
+def _area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
+    """Trapezoidal area under the curve (fpr, pro) from FPR 0 to `fpr_limit`, divided by `fpr_limit`.
+
+    `fpr` rises from 0; the segment that crosses `fpr_limit` is cut exactly there by linear interpolation, and points
+    beyond it are ignored, so callers may pass only the first point past the limit.
+    """
+    n_inside = int(np.searchsorted(fpr, fpr_limit, side="right"))
+    fpr_cut, pro_cut = fpr[:n_inside], pro[:n_inside]
+    if n_inside < fpr.size:
+        share = (fpr_limit - fpr[n_inside - 1]) / (fpr[n_inside] - fpr[n_inside - 1])
+        fpr_cut = np.append(fpr_cut, fpr_limit)
+        pro_cut = np.append(pro_cut, pro[n_inside - 1] + share * (pro[n_inside] - pro[n_inside - 1]))
+    return float(np.sum(np.diff(fpr_cut) * (pro_cut[1:] + pro_cut[:-1])) / 2 / fpr_limit)
 
 
 def _check_image_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +171,9 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
         scores: (N,) image anomaly scores, higher = more anomalous.
     """
     labels, scores = _check_image_inputs(labels, scores)
-    return _auroc(*_Ranking(scores).counts(labels))
+    if labels.all() or not labels.any():
+        return None
+    return float(roc_auc_score(labels, scores))
 
 
 def image_f1_max(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -171,7 +182,13 @@ def image_f1_max(labels: np.ndarray, scores: np.ndarray) -> float | None:
     None without an anomalous image (F1 is then undefined); defined without normal images.
     """
     labels, scores = _check_image_inputs(labels, scores)
-    return _f1_max(*_Ranking(scores).counts(labels))
+    if not labels.any():
+        return None
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    # Where precision and recall are both 0, F1 is 0; `where` keeps that point from dividing by zero.
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(both), where=both > 0)
+    return float(f1.max())
 
 
 def pixel_auroc(masks: np.ndarray, anomaly_maps: np.ndarray) -> float | None:
@@ -226,13 +243,12 @@ def compute_metrics(
         A dict with every name in `METRIC_NAMES` (float or None) plus `n_images` and `n_anomalous`.
     """
     labels, image_scores = _check_image_inputs(labels, image_scores)
-    image_tps, image_fps = _Ranking(image_scores).counts(labels)
     metrics = {
-        "image_auroc": _auroc(image_tps, image_fps),
+        "image_auroc": image_auroc(labels, image_scores),
         "pixel_auroc": None,
         "aupro": None,
         "pixel_ap": None,
-        "image_f1_max": _f1_max(image_tps, image_fps),
+        "image_f1_max": image_f1_max(labels, image_scores),
         "n_images": int(labels.size),
         "n_anomalous": int(np.count_nonzero(labels)),
     }

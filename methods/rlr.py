@@ -36,13 +36,16 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from reconray.methods.base import AnomalyMethod, MethodState, register_method
+from reconray.methods.base import AnomalyMethod, MethodOptions, MethodState, register_method
+from reconray.methods.device import pick_device
+from reconray.methods.errors import DatasetError, OptionError, check_fitted
 
 Grid = tuple[int, int]
 
@@ -394,11 +397,6 @@ def token_scores(features: Sequence[torch.Tensor], reconstructions: Sequence[tor
     return torch.stack(maps).mean(dim=0)
 
 
-def pick_device(use_gpu: bool) -> torch.device:
-    """CUDA when it is present and wanted, else CPU; decided at run time so one artifact runs anywhere."""
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
@@ -406,7 +404,7 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> str:
     """The compute precision in effect: "auto" is bfloat16 where the hardware multiplies bfloat16 natively (CUDA
     GPUs that support it; CPUs with AMX or AVX512-BF16 tiles), else float32."""
     if precision not in PRECISIONS:
-        raise ValueError(f"rlr precision {precision!r} is invalid; it must be one of {PRECISIONS}")
+        raise OptionError(f"rlr precision {precision!r} is invalid; it must be one of {PRECISIONS}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -419,7 +417,7 @@ def autocast_for(device: torch.device, precision: str = "auto") -> AbstractConte
 
     Autocast runs the matmuls, projections and attention in bfloat16 and keeps LayerNorm, softmax statistics, the
     loss and the weights (and so Adam's updates) in float32; bfloat16 has float32's exponent range, so no loss
-    scaling is needed. On a 2-core AMX CPU a reference-size step ran 2.3x faster (benchmarks/RESULTS.md).
+    scaling is needed (speed-ups per CPU: benchmarks/RESULTS.md).
     """
     if resolve_precision(device, precision) == "bfloat16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -454,109 +452,152 @@ def train_step(
     return float(loss.detach())
 
 
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Sequence[torch.Tensor]],
+    jitter_scale: float,
+    precision: str = "auto",
+) -> tuple[float, int]:
+    """One epoch over `batches` (per-level feature tensors, already on the model's device).
+
+    The one training loop of RLR: `RLR.fit` feeds it in-memory batches, the Ray Train workers
+    (`reconray.pipelines.train_rlr`) their dataset shard. Returns the sum of per-image losses and the image count,
+    so that callers can total them over workers before averaging.
+    """
+    loss_sum, images = 0.0, 0
+    for batch in batches:
+        loss = train_step(model, optimizer, batch, jitter_scale, precision)
+        loss_sum += loss * len(batch[0])
+        images += len(batch[0])
+    return loss_sum, images
+
+
+def jitter_seed(seed: int, start_epoch: int, rank: int) -> int:
+    """Seed of the feature-jitter noise of one worker from one start: a resumed or restarted worker and every rank of a
+    run draw fresh noise instead of replaying the sequence of another."""
+    return seed + 1000 * start_epoch + rank + 1
+
+
+def epoch_record(
+    epoch: int, loss_sum: float, images: int, epoch_s: float, elapsed_s: float, history: Sequence[float],
+    resumed_from_epoch: int = 0,
+) -> dict[str, Any]:
+    """What every training path records after an epoch (`epoch` counts from 1): the info of a fitted RLR."""
+    loss = loss_sum / max(images, 1)
+    return {
+        "epoch": epoch,
+        "loss": loss,
+        "losses": [*history, loss],
+        "images_per_s": images / max(epoch_s, 1e-9),
+        "elapsed_s": elapsed_s,
+        "resumed_from_epoch": resumed_from_epoch,
+    }
+
+
 @register_method
 class RLR(AnomalyMethod):
     """Learnable-reference reconstruction; one model for every category (the unified, multi-class setting).
 
-    Options (`--set key=value`): epochs, lr, batch_size (per worker), layers, d_model (finest level; doubled per
-    coarser level), heads, ref_len, jitter (feature-jitter scale), num_workers and cpus_per_worker (Ray Train),
-    use_gpu (CUDA when available), precision ("auto": bfloat16 autocast on hardware with native bfloat16 matmuls,
-    see `resolve_precision`; "float32"; "bfloat16"), checkpoint_every (epochs), max_failures (worker failures Ray
-    Train recovers from), seed. Defaults are the reference's; a CPU-sized run is `d_model=64 layers=2 heads=4 epochs=5`.
+    Options (`--set key=value`) define the model and its optimisation, never where it runs (workers, CPUs, GPUs and
+    checkpoints are `reconray.pipelines` training settings): epochs, lr, batch_size (per worker), layers, d_model
+    (finest level; doubled per coarser level), heads, ref_len, jitter (feature-jitter scale), precision ("auto":
+    bfloat16 autocast on hardware with native bfloat16 matmuls, see `resolve_precision`; "float32"; "bfloat16"),
+    seed. Defaults are the reference's; a CPU-sized run is `d_model=64 layers=2 heads=4 epochs=5`. The device is
+    chosen at run time (CUDA when present).
     """
 
+    class Options(MethodOptions):
+        epochs: int = Field(200, ge=1)
+        lr: float = Field(1e-4, gt=0.0)
+        batch_size: int = Field(4, ge=1)
+        layers: int = Field(4, ge=1)
+        d_model: int = Field(256, ge=4)
+        heads: int = Field(8, ge=1)
+        ref_len: int = Field(1, ge=1)
+        jitter: float = Field(4.0, ge=0.0)
+        precision: Literal["auto", "float32", "bfloat16"] = "auto"
+        seed: int = 0
+
+        @model_validator(mode="after")
+        def _check_width(self) -> RLR.Options:
+            if self.d_model % 4 or self.d_model % self.heads:
+                raise ValueError(f"d_model {self.d_model} must be a multiple of 4 and of heads {self.heads}")
+            return self
+
     name: ClassVar[str] = "rlr"
-    defaults: ClassVar[dict[str, Any]] = {
-        "epochs": 200,
-        "lr": 1e-4,
-        "batch_size": 4,
-        "layers": 4,
-        "d_model": 256,
-        "heads": 8,
-        "ref_len": 1,
-        "jitter": 4.0,
-        "num_workers": 1,
-        "cpus_per_worker": 1.0,
-        "use_gpu": True,
-        "precision": "auto",
-        "checkpoint_every": 10,
-        "max_failures": 3,
-        "seed": 0,
-    }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.model: RLRModel | None = None
-        self.device = pick_device(self.options["use_gpu"])
-        resolve_precision(self.device, self.options["precision"])  # refuses an unknown precision before any work
+        self.device = pick_device()
         self.info: dict[str, Any] = {}
 
     def build_model(self, channels: Sequence[int], grids: Sequence[Sequence[int]]) -> RLRModel:
         """Returns a freshly initialised model for these levels (seeded, so every Ray worker starts alike)."""
-        torch.manual_seed(self.options["seed"])
+        torch.manual_seed(self.options.seed)
         return RLRModel(
             channels,
             grids,
-            d_model=self.options["d_model"],
-            heads=self.options["heads"],
-            layers=self.options["layers"],
-            ref_len=self.options["ref_len"],
+            d_model=self.options.d_model,
+            heads=self.options.heads,
+            layers=self.options.layers,
+            ref_len=self.options.ref_len,
         )
 
     def fit(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
         """Trains in this process on all batches (held in memory; they are reused every epoch with fresh jitter).
 
-        The distributed, resumable path is `pipelines.train_rlr.train_rlr`; this loop serves small runs and tests.
+        `reconray.pipelines.train_rlr` runs the same `train_epoch` on Ray Train workers, resumably.
         """
         levels = [list(level) for level in zip(*feature_batches, strict=True)]
         if not levels:
-            raise ValueError("rlr: no training features to fit on (empty training split?)")
+            raise DatasetError("rlr: no training features to fit on (empty training split?)")
         features = [torch.cat(level).float() for level in levels]
-        model = self.build_model([f.shape[1] for f in features], [tuple(f.shape[2:]) for f in features])
-        model.to(self.device).train()
-        optimizer = make_optimizer(model, self.options["lr"])
-        generator = torch.Generator().manual_seed(self.options["seed"])
-        count, batch_size = features[0].shape[0], self.options["batch_size"]
-        epoch_losses, start = [], time.perf_counter()
-        for _ in range(self.options["epochs"]):
-            order = torch.randperm(count, generator=generator)
-            losses = []
-            for begin in range(0, count, batch_size):
-                batch = [f[order[begin : begin + batch_size]].to(self.device) for f in features]
-                loss = train_step(model, optimizer, batch, self.options["jitter"], self.options["precision"])
-                losses.append(loss * len(batch[0]))
-            epoch_losses.append(sum(losses) / count)
-        self.model = model.eval()
-        self.info = {"epoch": len(epoch_losses), "epoch_losses": epoch_losses, "fit_s": time.perf_counter() - start}
+        channels, grids = [f.shape[1] for f in features], [list(f.shape[2:]) for f in features]
+        model = self.build_model(channels, grids).to(self.device).train()
+        optimizer = make_optimizer(model, self.options.lr)
+        torch.manual_seed(jitter_seed(self.options.seed, 0, 0))
+        shuffle = torch.Generator().manual_seed(self.options.seed)
+        record: dict[str, Any] = {}
+        started = time.perf_counter()
+        for epoch in range(self.options.epochs):
+            epoch_started = time.perf_counter()
+            order = torch.randperm(len(features[0]), generator=shuffle).split(self.options.batch_size)
+            batches = ([level[rows].to(self.device) for level in features] for rows in order)
+            loss_sum, images = train_epoch(model, optimizer, batches, self.options.jitter, self.options.precision)
+            now = time.perf_counter()
+            record = epoch_record(epoch + 1, loss_sum, images, now - epoch_started, now - started,
+                                  record.get("losses", []))
+        self.load_trained(model.state_dict(), channels, grids, record)
+
+    def load_trained(
+        self, tensors: dict[str, torch.Tensor], channels: Sequence[int], grids: Sequence[Sequence[int]],
+        info: dict[str, Any],
+    ) -> RLR:
+        """Makes this method the fitted model with these weights, whoever trained them (this process, Ray Train)."""
+        model = self.build_model(channels, grids)
+        model.load_state_dict(tensors)
+        self.model = model.to(self.device).eval()
+        self.info = {**info, "channels": list(channels), "grids": [list(grid) for grid in grids]}
+        return self
 
     def score(self, features: list[torch.Tensor]) -> torch.Tensor:
-        if self.model is None:
-            raise RuntimeError("rlr: score() called before fit() or from_state()")
-        model = self.model.eval()
+        check_fitted(self.name, self.model is not None, "score()")
         inputs = [level.to(self.device, torch.float32) for level in features]
-        with torch.no_grad(), autocast_for(self.device, self.options["precision"]):
-            reconstructions = model(inputs)
+        with torch.no_grad(), autocast_for(self.device, self.options.precision):
+            reconstructions = self.model(inputs)
         return token_scores(inputs, reconstructions).to(features[0].device)
 
     def state(self) -> MethodState:
-        if self.model is None:
-            raise RuntimeError("rlr: state() called before fit()")
-        options = dict(self.options)
-        options["channels"] = [level.reference.shape[-1] for level in self.model.levels]
-        options["grids"] = [list(grid) for grid in self.model.grids]
+        check_fitted(self.name, self.model is not None, "state()")
         tensors = {key: value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
-        return MethodState(options=options, tensors=tensors, info=dict(self.info))
+        return MethodState(options=self.options.model_dump(), tensors=tensors, info=dict(self.info))
 
     @classmethod
     def from_state(cls, state: MethodState) -> RLR:
-        options = dict(state.options)
-        channels, grids = options.pop("channels"), options.pop("grids")
-        method = cls(**options)
-        model = method.build_model(channels, grids)
-        model.load_state_dict(state.tensors)
-        method.model = model.to(method.device).eval()
-        method.info = dict(state.info)
-        return method
+        info = dict(state.info)
+        return cls(**state.options).load_trained(state.tensors, info.pop("channels"), info.pop("grids"), info)
 
     def to(self, device: torch.device | str) -> RLR:
         self.device = torch.device(device)

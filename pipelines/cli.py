@@ -1,16 +1,31 @@
-"""The `reconray` command line: run, fit, evaluate, predict, tune and serve (contract in DESIGN.md)."""
+"""The `reconray` command line: run, fit, evaluate, predict and serve (contract in DESIGN.md).
+
+Every command shows reconray's own lines and a progress bar per stage; Ray's output goes to the command's log file
+(`--log-file`, default below) and is shown with `--verbose`. A user error (`ReconrayError`: a bad dataset, artifact
+or option) is one line and exit code 2; anything else is a bug and keeps its traceback (exit code 1).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from reconray import __version__
 from reconray.methods import METHODS
-from reconray.methods.artifact import ArtifactError
-from reconray.methods.backbone import DEFAULT_BACKBONE
-from reconray.pipelines.datasets import DatasetError
+from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_LEVELS
+from reconray.methods.errors import OptionError, ReconrayError
+from reconray.pipelines.console import console_session, table
+from reconray.pipelines.serve_options import ServeOptions
+
+logger = logging.getLogger("reconray.cli")
+
+LOG_FILE = "reconray.log"
+_PREDICTIONS_SHOWN = 20
+"""Predictions listed on the console; all of them are in predictions.json."""
 
 
 def _key_values(pairs: Sequence[str]) -> dict[str, str]:
@@ -18,7 +33,7 @@ def _key_values(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         key, separator, value = pair.partition("=")
         if not separator or not key:
-            raise ValueError(f"--set expects key=value, got {pair!r}")
+            raise OptionError(f"--set expects key=value, got {pair!r}")
         options[key.strip()] = value.strip()
     return options
 
@@ -27,91 +42,159 @@ def _categories(text: str | None) -> list[str] | None:
     return [name.strip() for name in text.split(",") if name.strip()] if text else None
 
 
+def _levels(text: str) -> list[int]:
+    try:
+        return [int(level) for level in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _serve_default(name: str) -> object:
+    return ServeOptions.model_fields[name].default
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reconray", description="Industrial visual anomaly detection on Ray.")
+    parser.add_argument("--version", action="version", version=f"reconray {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show Ray's own output on the console as well")
+    common.add_argument("--log-file", type=Path, help="where every log line and Ray's output go (default: per command)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="build the synthetic dataset, fit and evaluate every method, report")
-    run.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
+    run = commands.add_parser("run", parents=[common],
+                              help="build the synthetic dataset, fit and evaluate every method, report")
+    run.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>); log: <out>/reconray.log")
 
-    fit = commands.add_parser("fit", help="fit a method on normal training images")
+    fit = commands.add_parser("fit", parents=[common], help="fit a method on normal training images")
     fit.add_argument("--data", required=True, help="MVTec AD / MVTec 3D-AD root or category, split CSV, or folder")
     fit.add_argument("--method", required=True, choices=sorted(METHODS))
     fit.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    fit.add_argument("--work-dir", type=Path,
+                     help="feature cache, checkpoints and log (default <out>-work, beside the artifact)")
     fit.add_argument("--categories", help="comma-separated subset of categories")
-    fit.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm model name")
+    fit.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm model name (default %(default)s)")
     fit.add_argument("--weights", help="local backbone weights file (when the hub cannot be reached)")
-    fit.add_argument("--image-size", type=int, default=256)
-    fit.add_argument("--levels", default="2,3", help="backbone feature levels, comma-separated")
+    fit.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="input side (default %(default)s)")
+    fit.add_argument("--levels", type=_levels, default=list(DEFAULT_LEVELS),
+                     help=f"backbone feature levels, comma-separated (default {','.join(map(str, DEFAULT_LEVELS))})")
     fit.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                      help="method option, repeatable (e.g. --set coreset_ratio=0.1)")
     fit.add_argument("--on-bad-image", choices=("error", "skip"), default="error")
+    training = fit.add_argument_group("training on Ray Train (rlr)")
+    training.add_argument("--num-workers", type=int, help="data-parallel workers (default 1)")
+    training.add_argument("--cpus-per-worker", type=float, help="CPUs per worker, fractional allowed (default 1)")
+    training.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
+                          help="a GPU per worker when the cluster has GPUs (default: yes)")
+    training.add_argument("--max-failures", type=int, help="worker failures to recover from (default 3)")
+    training.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 10)")
 
-    evaluate = commands.add_parser("evaluate", help="metrics, report and heatmaps on a test split")
+    evaluate = commands.add_parser("evaluate", parents=[common], help="metrics, report and heatmaps on a test split")
     evaluate.add_argument("--model", required=True, type=Path)
     evaluate.add_argument("--data", required=True)
     evaluate.add_argument("--out", required=True, type=Path)
     evaluate.add_argument("--categories")
     evaluate.add_argument("--on-bad-image", choices=("error", "skip"), default="error")
 
-    predict = commands.add_parser("predict", help="score images, write predictions.json and heatmaps")
+    predict = commands.add_parser("predict", parents=[common], help="score images, write predictions.json and heatmaps")
     predict.add_argument("--model", required=True, type=Path)
     predict.add_argument("--out", required=True, type=Path)
     predict.add_argument("--threshold", type=float, help="override the model's calibrated threshold")
-    predict.add_argument("images", nargs="+")
+    predict.add_argument("images", nargs="+", help="image files, folders of images or glob patterns")
 
-    serve = commands.add_parser("serve", help="online scoring over HTTP with Ray Serve (blocks until Ctrl-C)")
+    serve = commands.add_parser("serve", parents=[common],
+                                help="online scoring over HTTP with Ray Serve (blocks until Ctrl-C)")
     serve.add_argument("--model", required=True, type=Path)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--min-replicas", type=int, help="default 1")
-    serve.add_argument("--max-replicas", type=int, help="default 2")
+    serve.add_argument("--min-replicas", type=int, help=f"default {_serve_default('min_replicas')}")
+    serve.add_argument("--max-replicas", type=int, help=f"default {_serve_default('max_replicas')}")
     serve.add_argument("--threshold", type=float, help="override the model's calibrated threshold")
     serve.add_argument("--max-batch-size", type=int, help="images per backbone batch (default 8 with a GPU, 1 on CPU)")
-    serve.add_argument("--batch-wait-s", type=float, help="longest wait for a batch to fill (default 0.01)")
-    serve.add_argument("--num-cpus", type=float, help="CPUs per replica, fractional allowed (default 1)")
-    serve.add_argument("--num-gpus", type=float, help="GPUs per replica, fractional allowed (default 0)")
-    serve.add_argument("--max-bytes", type=int, help="largest accepted upload in bytes (default 20000000)")
-    serve.add_argument("--max-side", type=int, help="largest accepted image side in pixels (default 8000)")
+    serve.add_argument("--batch-wait-s", type=float,
+                       help=f"longest wait for a batch to fill (default {_serve_default('batch_wait_timeout_s')})")
+    serve.add_argument("--num-cpus", type=float,
+                       help=f"CPUs per replica, fractional allowed (default {_serve_default('num_cpus')})")
+    serve.add_argument("--num-gpus", type=float,
+                       help=f"GPUs per replica, fractional allowed (default {_serve_default('num_gpus')})")
+    serve.add_argument("--max-bytes", type=int,
+                       help=f"largest accepted upload in bytes (default {_serve_default('max_bytes')})")
+    serve.add_argument("--max-side", type=int,
+                       help=f"largest accepted image side in pixels (default {_serve_default('max_side')})")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return _dispatch(args)
-    except (DatasetError, ArtifactError, ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"reconray {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    if args.command == "run" and args.out is None:
+        from reconray.pipelines.run import default_run_dir
+
+        args.out = default_run_dir()
+    log_file = args.log_file or _default_log_file(args)
+    with console_session(log_file, verbose=args.verbose):
+        try:
+            _dispatch(args)
+        except ReconrayError as error:
+            # A ReconrayError raised inside a Ray task arrives wrapped; its cause holds the one-line message.
+            logger.error("reconray %s: error: %s", args.command, getattr(error, "cause", None) or error)
+            return 2
+        except KeyboardInterrupt:
+            logger.error("reconray %s: interrupted; what was saved stays (rerun the command to resume)", args.command)
+            return 130
+        except Exception:
+            logger.exception("reconray %s: internal error (a bug, not your input); full log: %s", args.command,
+                             log_file)
+            return 1
+    return 0
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _default_log_file(args: argparse.Namespace) -> Path:
+    """The command's log: in its output (run, evaluate, predict), the fit's work directory, or a temp file (serve)."""
+    if args.command == "fit":
+        from reconray.pipelines.fitting import work_dir_for
+
+        return (args.work_dir or work_dir_for(args.out)) / LOG_FILE
+    if args.command == "serve":
+        return Path(tempfile.gettempdir()) / "reconray" / f"serve-{args.port}.log"
+    return args.out / LOG_FILE
+
+
+def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "run":
         from reconray.pipelines.run import run_default
 
         run_default(args.out)
     elif args.command == "fit":
         from reconray.pipelines.fit import fit_model
+        from reconray.pipelines.fitting import TrainConfig
 
+        given = {"num_workers": args.num_workers, "cpus_per_worker": args.cpus_per_worker, "use_gpu": args.use_gpu,
+                 "max_failures": args.max_failures, "checkpoint_every": args.checkpoint_every}
+        training = _validated(TrainConfig, {key: value for key, value in given.items() if value is not None})
         fit_model(
             args.data, args.method, args.out, categories=_categories(args.categories), backbone=args.backbone,
-            levels=[int(level) for level in args.levels.split(",")], image_size=args.image_size,
-            weights=args.weights, options=_key_values(args.options), on_bad_image=args.on_bad_image,
+            levels=args.levels, image_size=args.image_size, weights=args.weights, options=_key_values(args.options),
+            training=training, work_dir=args.work_dir, on_bad_image=args.on_bad_image,
         )
     elif args.command == "evaluate":
         from reconray.pipelines.evaluate import evaluate_model
 
         metrics = evaluate_model(args.model, args.data, args.out, categories=_categories(args.categories),
                                  on_bad_image=args.on_bad_image)
-        print("[reconray] mean: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics["mean"].items()
-                                              if isinstance(v, float)))
+        names = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
+        rows = [[category, *(values[name] for name in names)] for category, values in metrics["categories"].items()]
+        rows.append(["mean", *(metrics["mean"][name] for name in names)])
+        logger.info("\n%s\n\nreport: %s", table(["category", *names], rows), args.out / "report.md")
     elif args.command == "predict":
         from reconray.pipelines.evaluate import predict_images
 
-        for prediction in predict_images(args.model, args.images, args.out, threshold=args.threshold):
-            print(f"{prediction['image']}: score {prediction['score']:.4f} anomalous={prediction['is_anomalous']}")
+        predictions = predict_images(args.model, args.images, args.out, threshold=args.threshold)
+        shown = predictions[:_PREDICTIONS_SHOWN]
+        rows = [[prediction["image"], prediction["score"], prediction["is_anomalous"]] for prediction in shown]
+        more = f"\n... and {len(predictions) - len(shown)} more" if len(predictions) > len(shown) else ""
+        logger.info("\n%s%s\n\npredictions: %s", table(["image", "score", "anomalous"], rows), more,
+                    args.out / "predictions.json")
     elif args.command == "serve":
-        from reconray.pipelines.serve import ServeOptions, serve_model
+        from reconray.pipelines.serve import serve_model
 
         settings = {
             "threshold": args.threshold, "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
@@ -119,9 +202,21 @@ def _dispatch(args: argparse.Namespace) -> int:
             "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "max_bytes": args.max_bytes,
             "max_side": args.max_side,
         }
-        options = ServeOptions(model_dir=str(args.model), **{k: v for k, v in settings.items() if v is not None})
+        options = _validated(ServeOptions, {"model_dir": str(args.model)}
+                             | {key: value for key, value in settings.items() if value is not None})
         serve_model(options, host=args.host, port=args.port)
-    return 0
+
+
+def _validated(model: type, values: dict[str, object]) -> object:
+    """A pydantic settings model built from CLI values; a bad value is a user error naming the setting."""
+    import pydantic
+
+    try:
+        return model(**values)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'settings'}: {item['msg']}"
+                             for item in error.errors())
+        raise OptionError(problems) from None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ here equals the score `reconray serve` returns for the same image.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import logging
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,11 +18,17 @@ from typing import Any
 import numpy as np
 
 from reconray.methods.artifact import read_config
+from reconray.methods.errors import DatasetError
 from reconray.methods.metrics import compute_metrics, mean_metrics
-from reconray.pipelines.datasets import Sample, discover, load_rgb, split_samples, validate
+from reconray.methods.scoring import is_anomalous
+from reconray.pipelines.datasets import IMAGE_SUFFIXES, Sample, _images_in, discover, load_rgb, split_samples, validate
 from reconray.pipelines.ingest import Resources, log_every, plan_resources, progress, score_dataset
-from reconray.pipelines.report import heatmap_scale, method_report, render_overlay, write_json
+from reconray.pipelines.report import method_report, render_figure, safe_name, with_parent, write_json
 from reconray.pipelines.runtime import ensure_ray
+
+logger = logging.getLogger(__name__)
+
+_GLOB_MAGIC = re.compile(r"[*?[]")
 
 HEATMAPS_PER_END = 2
 """Heatmaps written per category: this many of the highest and of the lowest scored test images."""
@@ -32,6 +41,12 @@ class _CategoryScores:
     scores: list[float] = dataclasses.field(default_factory=list)
     maps: list[np.ndarray] = dataclasses.field(default_factory=list)
     masks: list[np.ndarray] = dataclasses.field(default_factory=list)
+    has_mask: list[bool] = dataclasses.field(default_factory=list)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """One `{"image", "label", "score"}` per image: what ROC curves and later comparisons need."""
+        return [{"image": image, "label": label, "score": score}
+                for image, label, score in zip(self.images, self.labels, self.scores, strict=True)]
 
 
 def evaluate_model(
@@ -43,7 +58,12 @@ def evaluate_model(
     on_bad_image: str = "error",
     resources: Resources | None = None,
 ) -> dict[str, Any]:
-    """Scores the test split of `data`; writes `metrics.json`, `report.md` and heatmaps to `out_dir`."""
+    """Scores the test split of `data`; writes `metrics.json`, `scores.json`, `report.md`, ROC plots and heatmap
+    figures to `out_dir`.
+
+    Returns the metrics of metrics.json plus `heatmaps` (per category, the figures' entries) and `scores` (per
+    category, every image's `{"image", "label", "score"}`), which `comparison_report` takes to compare methods.
+    """
     config = read_config(model_dir)
     test = split_samples(discover(data, categories), "test")
     validation = validate(test, on_bad_image)
@@ -61,18 +81,20 @@ def evaluate_model(
             scores.scores.append(float(batch["image_score"][row]))
             scores.maps.append(batch["anomaly_map"][row])
             scores.masks.append(batch["gt_mask"][row].astype(bool))
+            scores.has_mask.append(bool(batch["mask"][row]))
         extract_ms += list(batch["extract_ms"])
         score_ms += list(batch["score_ms"])
         done += len(batch["image"])
         if done % log_every(len(validation.samples)) < len(batch["image"]) or done == len(validation.samples):
             progress(f"evaluate {config.method}", done, len(validation.samples))
 
-    category_metrics, heatmaps = {}, {}
+    category_metrics, heatmaps, image_scores = {}, {}, {}
     for category, scores in sorted(per_category.items()):
         category_metrics[category] = compute_metrics(
             np.array(scores.labels), np.array(scores.scores), np.stack(scores.masks), np.stack(scores.maps)
         )
         heatmaps[category] = _write_heatmaps(out_dir, category, scores, config.threshold)
+        image_scores[category] = scores.entries()
     metrics = {
         "method": config.method,
         "backbone": config.spec.backbone,
@@ -90,23 +112,26 @@ def evaluate_model(
         "skipped_in_fit": config.fit.skipped,
     }
     write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "scores.json", image_scores)
     skipped = validation.skipped + [{**entry, "problem": f"{entry['problem']} (skipped in fit)"}
                                     for entry in metrics["skipped_in_fit"]]
-    (out_dir / "report.md").write_text(method_report(metrics, heatmaps, skipped))
-    return metrics | {"heatmaps": heatmaps}
+    (out_dir / "report.md").write_text(method_report(metrics, heatmaps, skipped, out_dir, image_scores))
+    logger.info("evaluation of %s written to %s", config.method, out_dir)
+    return metrics | {"heatmaps": heatmaps, "scores": image_scores}
 
 
 def _write_heatmaps(out_dir: Path, category: str, scores: _CategoryScores, threshold: float | None) -> list[dict]:
+    """Figures of the `HEATMAPS_PER_END` highest and lowest scored images, each with its mask and true label."""
     order = np.argsort(scores.scores)
     picks = list(order[::-1][:HEATMAPS_PER_END]) + [i for i in order[:HEATMAPS_PER_END] if i not in
                                                     order[::-1][:HEATMAPS_PER_END]]
     entries = []
     for rank, index in enumerate(picks):
-        relative = Path("heatmaps") / category / f"{rank:02d}_{Path(scores.images[index]).stem}.png"
-        anomaly_map = scores.maps[index]
-        render_overlay(load_rgb(scores.images[index]), anomaly_map, *heatmap_scale(threshold, anomaly_map)).save(
-            _parent(out_dir / relative)
-        )
+        relative = Path("heatmaps") / safe_name(category) / f"{rank:02d}_{Path(scores.images[index]).stem}.png"
+        render_figure(
+            load_rgb(scores.images[index]), scores.maps[index], scores.scores[index], threshold,
+            mask=scores.masks[index] if scores.has_mask[index] else None, label=scores.labels[index],
+        ).save(with_parent(out_dir / relative))
         label = "anomalous" if scores.labels[index] else "normal"
         entries.append({"path": relative.as_posix(), "score": scores.scores[index], "label": label,
                         "image": scores.images[index]})
@@ -117,12 +142,16 @@ def predict_images(
     model_dir: str | Path, images: Sequence[str | Path], out_dir: str | Path, threshold: float | None = None,
     resources: Resources | None = None,
 ) -> list[dict[str, Any]]:
-    """Scores `images`, writes overlay PNGs and `predictions.json` to `out_dir`; returns the predictions."""
-    if not images:
-        raise ValueError("predict needs at least one image")
+    """Scores `images`, writes heatmap figures and `predictions.json` to `out_dir`; returns the predictions.
+
+    `images` may name files, folders and glob patterns (see `expand_images`); every image is scored once, in the
+    order they were named. A missing path or a pattern without a match raises `DatasetError` before any Ray work.
+    """
+    paths = expand_images(images)
     config = read_config(model_dir)
     threshold = config.threshold if threshold is None else threshold
-    samples = validate([Sample(str(Path(image).resolve()), "", "test", 0) for image in images]).samples
+    samples = validate([Sample(str(path), "", "test", 0) for path in paths]).samples
+    position = {sample.image: index for index, sample in enumerate(samples)}
     ensure_ray()
     resources = resources or plan_resources()
     out_dir = Path(out_dir)
@@ -132,20 +161,54 @@ def predict_images(
         for row in range(len(batch["image"])):
             image, anomaly_map = str(batch["image"][row]), batch["anomaly_map"][row]
             score = float(batch["image_score"][row])
-            heatmap = _parent(out_dir / "heatmaps" / f"{len(by_image):04d}_{Path(image).stem}.png")
-            render_overlay(load_rgb(image), anomaly_map, *heatmap_scale(threshold, anomaly_map)).save(heatmap)
+            heatmap = with_parent(out_dir / "heatmaps" / f"{position[image]:04d}_{Path(image).stem}.png")
+            render_figure(load_rgb(image), anomaly_map, score, threshold).save(heatmap)
             by_image[image] = {
                 "image": image,
                 "score": score,
-                "is_anomalous": None if threshold is None else bool(score > threshold),
+                "is_anomalous": is_anomalous(score, threshold),
                 "threshold": threshold,
                 "heatmap": str(heatmap),
             }
     predictions = [by_image[sample.image] for sample in samples]
     write_json(out_dir / "predictions.json", predictions)
+    logger.info("%d predictions written to %s", len(predictions), out_dir / "predictions.json")
     return predictions
 
 
-def _parent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+def expand_images(images: Sequence[str | Path]) -> list[Path]:
+    """The image files that `reconray predict`'s arguments name, resolved, each once, in the order named.
+
+    A file is taken as it is (validation reports it if it is not an image). A folder gives the image files directly
+    in it (suffix in `IMAGE_SUFFIXES`, sorted), not those of its subfolders, so a dataset folder does not pull in its
+    ground-truth masks; a pattern with `**` recurses on purpose. Any other argument with `*`, `?` or `[` is a glob
+    pattern (`**` spans folders) and gives its matching image files, sorted.
+
+    Raises:
+        DatasetError: naming an argument that does not exist, a folder without images or a pattern that matches no
+            image file; nothing is scored then.
+    """
+    if not images:
+        raise DatasetError("predict needs at least one image, folder or pattern")
+    found = [path for image in images for path in _images_named(str(image))]
+    return list(dict.fromkeys(path.resolve() for path in found))
+
+
+def _images_named(argument: str) -> list[Path]:
+    """The image files of one predict argument (a file, a folder or a glob pattern); never empty."""
+    path = Path(argument).expanduser()
+    suffixes = ", ".join(IMAGE_SUFFIXES)
+    if path.is_dir():
+        in_folder = _images_in(path)
+        if not in_folder:
+            raise DatasetError(f"{path}: folder holds no image files (suffixes {suffixes})")
+        return in_folder
+    if path.exists():
+        return [path]
+    if not _GLOB_MAGIC.search(argument):
+        raise DatasetError(f"{path}: no such file or folder")
+    matches = sorted(Path(match) for match in glob.glob(str(path), recursive=True))
+    matched = [match for match in matches if match.is_file() and match.suffix.lower() in IMAGE_SUFFIXES]
+    if not matched:
+        raise DatasetError(f"{argument}: pattern matches no image files (suffixes {suffixes})")
+    return matched

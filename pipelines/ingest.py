@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from ray.data import ActorPoolStrategy
 
 from reconray.methods.artifact import ModelSpec, load_artifact, read_config
+from reconray.methods.device import pick_device
 from reconray.pipelines.datasets import Sample, load_mask, load_rgb
 
 LEVEL_COLUMN = "level_{}"
+"""Feature rows hold one column per backbone level, finest first: `level_0`, `level_1`, ... each `(C, h, w)` float32."""
 SAMPLE_COLUMNS = ("image", "category", "split", "label", "defect", "mask")
 
 
@@ -131,16 +133,12 @@ def _decode_batch(batch: dict[str, np.ndarray], spec: ModelSpec, masks: bool) ->
     return batch
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class _FeatureActor:
     """Holds one frozen backbone; turns image batches into per-level feature columns."""
 
     def __init__(self, spec: ModelSpec, threads: int) -> None:
         torch.set_num_threads(threads)
-        self.device = _device()
+        self.device = pick_device()
         self.extractor = spec.extractor().to(self.device).eval()
 
     @torch.inference_mode()
@@ -156,7 +154,7 @@ class _ScoreActor:
 
     def __init__(self, model_dir: str, threads: int) -> None:
         torch.set_num_threads(threads)
-        self.scorer = load_artifact(model_dir).scorer(_device())
+        self.scorer = load_artifact(model_dir).scorer(pick_device())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = batch.pop("pixels")
@@ -169,23 +167,30 @@ class _ScoreActor:
         return batch
 
 
+def level_columns(count: int) -> list[str]:
+    """The feature column names of `count` backbone levels, finest first."""
+    return [LEVEL_COLUMN.format(level) for level in range(count)]
+
+
+def level_count(columns: Iterable[str]) -> int:
+    """How many consecutive feature columns (`level_0`, `level_1`, ...) a batch or row has; at least one."""
+    names = set(columns)
+    count = 0
+    while LEVEL_COLUMN.format(count) in names:
+        count += 1
+    if not count:
+        raise ValueError(f"no feature columns ({LEVEL_COLUMN.format(0)}, ...) among {sorted(names)}")
+    return count
+
+
 def level_tensors(batch: dict[str, np.ndarray]) -> list[torch.Tensor]:
     """The per-level feature tensors of a feature batch, finest level first."""
-    return [as_tensor(batch[LEVEL_COLUMN.format(level)]) for level in range(_level_count(batch))]
+    return [as_tensor(batch[column]) for column in level_columns(level_count(batch))]
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor over a Ray Data column; read-only (zero-copy) arrays are copied once, since torch needs writable."""
     return torch.from_numpy(np.require(array, requirements=["W", "C"]))
-
-
-def _level_count(batch: dict[str, Any]) -> int:
-    count = 0
-    while LEVEL_COLUMN.format(count) in batch:
-        count += 1
-    if not count:
-        raise ValueError(f"batch has no feature columns; columns: {sorted(batch)}")
-    return count
 
 
 def progress(stage: str, done: int, total: int) -> None:

@@ -6,16 +6,19 @@ each, and writes one side-by-side report.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from reconray.methods import METHODS
+from reconray.pipelines.console import table
 from reconray.pipelines.evaluate import evaluate_model
 from reconray.pipelines.fit import fit_model
 from reconray.pipelines.report import comparison_report, write_json
 from reconray.pipelines.runtime import ensure_ray
 from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+
+logger = logging.getLogger(__name__)
 
 RUN_OPTIONS: dict[str, dict[str, Any]] = {
     "patchcore": {"coreset_ratio": 0.1},
@@ -24,37 +27,58 @@ RUN_OPTIONS: dict[str, dict[str, Any]] = {
 }
 """Options per method for the default run, sized so that it ends within 5 minutes on 2 CPU cores.
 
-patchcore keeps a 10% greedy coreset (the paper's usual setting): exact search of the full bank of the four
-categories (118,784 patches) cost 0.85 s per image on a 2-core AVX2 CPU, a coreset of the size of sgfr's basis
-0.1 s. rlr trains a tiny model for 2 epochs: at CPU budgets it stays near chance on image AUROC whatever its size
-(5 epochs at d_model 64, 2 layers: 0.44; 3 epochs at d_model 32, 1 layer: 0.46 on the synthetic set with another
-seed), and with 40-90 optimisation steps instead of the reference's ~10^5 a 10x learning rate reconstructs better
-(pixel AUROC there 0.55 at 1e-4, 0.76 at 1e-3 after 5 epochs). The reference recipe needs a GPU.
+patchcore keeps a 10% greedy coreset (the paper's usual setting), since exact search over the four categories' full
+bank costs close to a second per image on a 2-core CPU. rlr trains a tiny model for 2 epochs, with a 10x learning
+rate for its few dozen optimisation steps: at this budget it stays near chance, and the reference recipe needs a GPU
+(measurements: benchmarks/RESULTS.md, "reconray run").
 """
 
+SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
-def run_default(out_dir: str | Path | None = None, synthetic: SyntheticConfig | None = None) -> Path:
-    """Runs the whole product on the synthetic dataset and returns the run directory."""
-    out_dir = Path(out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+
+def run_default(
+    out_dir: str | Path | None = None,
+    synthetic: SyntheticConfig | None = None,
+    method_options: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Runs the whole product on the synthetic dataset and returns the run directory.
+
+    Args:
+        out_dir: run directory (default `runs/<timestamp>`): data, models, work (caches, checkpoints), evaluations,
+            `report.md`, `metrics.json`.
+        synthetic: the dataset to build (default `SyntheticConfig()`, 256 px); images are fitted at its size.
+        method_options: options per method (default `RUN_OPTIONS`); its keys say which methods run.
+    """
+    out_dir = Path(out_dir or default_run_dir())
+    synthetic = synthetic or SyntheticConfig()
     started = time.perf_counter()
-    data = make_synthetic_dataset(out_dir / "data", synthetic or SyntheticConfig())
-    print(f"[reconray] synthetic dataset ready in {data}", flush=True)
+    data = make_synthetic_dataset(out_dir / "data", synthetic)
+    logger.info("synthetic dataset ready: %s (%d categories)", data, len(synthetic.categories))
     ensure_ray()
     results, heatmaps, fits = {}, {}, {}
-    for method, options in RUN_OPTIONS.items():
-        if method not in METHODS:
-            continue
-        fitted = fit_model(data, method, out_dir / "models" / method, options=options, feature_cache=out_dir / "cache")
+    work = out_dir / "work"
+    for method, options in (method_options or RUN_OPTIONS).items():
+        fitted = fit_model(data, method, out_dir / "models" / method, image_size=synthetic.image_size,
+                           options=options, work_dir=work / method, feature_cache=work / "cache")
         metrics = evaluate_model(fitted.model_dir, data, out_dir / "evaluation" / method)
         heatmaps[method] = {
             category: [{**entry, "path": f"evaluation/{method}/{entry['path']}"} for entry in entries]
             for category, entries in metrics.pop("heatmaps").items()
         }
         results[method] = metrics
-        fits[method] = {"model": str(fitted.model_dir), "options": options, "threshold": fitted.threshold}
+        fits[method] = {"model": str(fitted.model_dir), "options": options, "threshold": fitted.threshold,
+                        "fit_s": fitted.fit_s}
     write_json(out_dir / "metrics.json", {"dataset": str(data), "methods": results, "models": fits,
                                            "wall_s": time.perf_counter() - started})
     report = comparison_report(results, heatmaps, "reconray run: synthetic dataset, all methods side by side")
     (out_dir / "report.md").write_text(report)
-    print(f"[reconray] run finished in {time.perf_counter() - started:.0f}s: {out_dir / 'report.md'}", flush=True)
+    rows = [[method, *(results[method]["mean"][name] for name in SUMMARY_METRICS), fits[method]["fit_s"]]
+            for method in results]
+    logger.info("\n%s\n", table(["method", *SUMMARY_METRICS, "fit_s"], rows))
+    logger.info("run finished in %.0f s: %s", time.perf_counter() - started, out_dir / "report.md")
     return out_dir
+
+
+def default_run_dir() -> Path:
+    """`runs/<timestamp>`: a fresh folder per run, so runs never overwrite each other."""
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")

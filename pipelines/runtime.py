@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
 
+logger = logging.getLogger(__name__)
+
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connects once per process; later calls are no-ops, so every pipeline can call it."""
+    """Connects once per process; later calls are no-ops, so every pipeline can call it.
+
+    Ray Data's own progress bars are turned off: reconray shows one bar per stage (`pipelines.console`).
+    """
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
+        logger.info("connected to the Ray cluster at %s (%g CPUs, %g GPUs)", address,
+                    ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0))
     else:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+        logger.info("started a local Ray with %d CPUs", num_cpus or os.cpu_count())
     ray.data.DataContext.get_current().enable_progress_bars = False

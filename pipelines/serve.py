@@ -22,6 +22,7 @@ import asyncio
 import base64
 import dataclasses
 import io
+import logging
 import math
 import signal
 import struct
@@ -39,7 +40,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve import Application
 from starlette.datastructures import UploadFile
@@ -47,66 +48,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from reconray.methods.artifact import load_artifact, read_config
+from reconray.methods.device import pick_device
+from reconray.methods.scoring import is_anomalous
 from reconray.pipelines.datasets import ImageTooLargeError, decode_rgb
 from reconray.pipelines.ingest import preprocess
 from reconray.pipelines.report import heatmap_scale, render_overlay
 from reconray.pipelines.runtime import ensure_ray
+from reconray.pipelines.serve_options import DEFAULT_MAX_BYTES, DEFAULT_MAX_SIDE, ServeOptions
+
+logger = logging.getLogger(__name__)
 
 APP_NAME = "reconray"
-DEFAULT_MAX_BYTES = 20_000_000
-"""Largest accepted image upload (20 MB): larger bodies get a 413 before they are read in full."""
-DEFAULT_MAX_SIDE = 8000
-"""Largest accepted width or height in pixels, checked from the image header before decoding."""
-GPU_BATCH_SIZE = 8
-"""Default `max_batch_size` of a replica with a GPU; CPU replicas default to 1."""
 MULTIPART_OVERHEAD = 64 * 1024
 """Room for multipart boundaries and part headers on top of the image byte limit."""
 RAW_MEDIA_TYPES = "image/* or application/octet-stream (raw bytes), or multipart/form-data with a file field 'image'"
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error)
 """What Pillow raises on corrupt, truncated or unknown data, depending on the format plugin."""
-
-
-class ServeOptions(BaseModel):
-    """Deployment settings: the arguments of `build_app`, of `serve run reconray.pipelines.serve:build_app key=value ...` and
-    of a RayService `args:` block. Strings from the command line are converted and range-checked here."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model_dir: str = Field(description="artifact directory written by `reconray fit`")
-    threshold: float | None = Field(None, description="deployment threshold; default: the artifact's calibrated one")
-    min_replicas: int = Field(1, ge=1, le=1024)
-    max_replicas: int = Field(2, ge=1, le=1024)
-    target_ongoing_requests: float | None = Field(
-        None, gt=0, description="autoscaling target per replica; default: one full batch, at least 2 (one being "
-                                "scored while the next is decoded)"
-    )
-    max_ongoing_requests: int | None = Field(
-        None, ge=1, description="requests a replica holds at once; default: 32, at least 2 x max_batch_size"
-    )
-    max_batch_size: int | None = Field(
-        None, ge=1, le=256, description=f"images per backbone pass; default: {GPU_BATCH_SIZE} with a GPU per replica, "
-                                        "1 on CPU, where batching measured slower (benchmarks/RESULTS.md)"
-    )
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
-    num_cpus: float = Field(1.0, gt=0.0, le=1024.0, description="CPUs per replica, fractional allowed")
-    num_gpus: float = Field(0.0, ge=0.0, le=16.0, description="GPUs per replica, fractional allowed")
-    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
-    max_side: int = Field(DEFAULT_MAX_SIDE, ge=1, le=65535)
-
-    @property
-    def batch_size(self) -> int:
-        """The batch size in effect: the one given, else the device default."""
-        if self.max_batch_size is not None:
-            return self.max_batch_size
-        return GPU_BATCH_SIZE if self.num_gpus > 0 else 1
-
-    @model_validator(mode="after")
-    def _check(self) -> "ServeOptions":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ValueError(f"threshold must be a finite number, got {self.threshold}")
-        return self
 
 
 class ModelRef(BaseModel):
@@ -291,7 +248,7 @@ class AnomalyScorer:
         # Pillow's decompression-bomb guard at the per-side limit's area: it refuses absurd headers inside Image.open.
         Image.MAX_IMAGE_PIXELS = max_side * max_side
         artifact = load_artifact(model_dir)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = pick_device()
         self._scorer = artifact.scorer(device)
         self._spec = artifact.spec
         self._threshold = artifact.threshold if threshold is None else threshold
@@ -332,7 +289,7 @@ class AnomalyScorer:
         scored: _Scored = await self._score_batch(upload.pixels)
         response = ScoreResponse(
             score=scored.score,
-            is_anomalous=None if threshold is None else scored.score > threshold,
+            is_anomalous=is_anomalous(scored.score, threshold),
             threshold=threshold,
             model=self._model,
             latency_ms=0.0,
@@ -434,12 +391,11 @@ def serve_model(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000
     serve.run(build_app(options), name=APP_NAME, route_prefix="/")
     # Replaces the SIGTERM handling ray.init installed, which ends the process without this cleanup.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    print(f"[reconray] serving {options.model_dir} at http://{host}:{port}/v1/score (OpenAPI: /docs); Ctrl-C stops",
-          flush=True)
+    logger.info("serving %s at http://%s:%d/v1/score (OpenAPI: /docs); Ctrl-C stops", options.model_dir, host, port)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("[reconray] stopping", flush=True)
+        logger.info("stopping")
     finally:
         serve.delete(APP_NAME)

@@ -1,29 +1,32 @@
 """Distributed, resumable RLR training on Ray Train (Train V2, the default engine in Ray 2.60).
 
 Reads like Ray's torch_fashion_mnist example: `_train_func` runs on every worker (DDP through `prepare_model`,
-batches from this worker's shard of the cached backbone features, fresh feature jitter every epoch) and reports
-loss, images/s and elapsed time every epoch; `train_rlr` builds the `TorchTrainer` around it.
+batches from this worker's shard of the cached backbone features, fresh feature jitter every epoch, the epoch itself
+being `methods.rlr.train_epoch`, the loop `RLR.fit` runs in-process) and reports every epoch; `train_rlr` builds
+the `TorchTrainer` around it and shows the epochs as a progress bar on the driver.
 
 Fault tolerance is Ray Train's: a worker that dies is restarted up to `max_failures` times and resumes from the
-last checkpoint (`ray.train.get_checkpoint()`); and because Train V2 keeps a snapshot of the run's checkpoints
-under `storage_path/name`, calling `train_rlr` again with the same `run_dir` and `name` after an interruption
-(Ctrl-C, lost driver, exhausted retries) resumes from the latest checkpoint instead of starting over; re-running a
-finished run trains nothing and returns its final model. Checkpoints
-hold tensors only (safetensors) plus a JSON progress file: no pickle.
+last checkpoint (`ray.train.get_checkpoint()`). A run is named after what defines it (the model options and the
+training features), and Train V2 keeps a snapshot of the run's checkpoints under `storage_path/name`: calling
+`train_rlr` again after an interruption (Ctrl-C, lost driver, exhausted retries) resumes from the latest checkpoint,
+while different options or data start a fresh run beside the old one, and the log says which. Checkpoints hold
+tensors only (safetensors) plus a JSON progress file: no pickle.
 
 Example:
-    >>> method = RLR(epochs=5, d_model=64, layers=2, heads=4, num_workers=2, cpus_per_worker=1)
-    >>> fitted = train_rlr(features, method, Path("runs"), name="rlr-unified")   # features: ray.data.Dataset
-    >>> fitted.info["final_loss"], fitted.info["images_per_s"]
+    >>> method = RLR(epochs=5, d_model=64, layers=2, heads=4)
+    >>> fitted = train_rlr(features, method, Path("runs/rlr-work/train"), TrainConfig(num_workers=2))
+    >>> fitted.info["loss"], fitted.info["images_per_s"]
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import tempfile
+import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,73 +38,147 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
-from reconray.methods.base import MethodState
-from reconray.methods.rlr import RLR, make_optimizer, train_step
+from reconray.methods.errors import DatasetError
+from reconray.methods.rlr import RLR, epoch_record, jitter_seed, make_optimizer, train_epoch
+from reconray.pipelines.console import stage
+from reconray.pipelines.fitting import FitContext, TrainConfig, register_distributed_fit
+from reconray.pipelines.ingest import level_columns, level_count
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PROGRESS_FILE = "progress.json"
-LEVEL_PREFIX = "level_"
 _SHUFFLE_BATCHES = 16
 """Local shuffle buffer, in batches: mixes categories within a shard without a full shuffle of the features."""
+_POLL_S = 0.5
+"""How often the driver reads the epochs reported so far, to advance its progress bar."""
+
+
+@register_distributed_fit(RLR)
+def fit_rlr(method: RLR, context: FitContext) -> RLR:
+    """RLR's distributed fit: train on Ray Train from the cached features, checkpoints in the work directory."""
+    return train_rlr(context.cached_features(), method, context.work_dir / "train", context.training,
+                     data_key=context.feature_key())
 
 
 def train_rlr(
     train_features: ray.data.Dataset,
     method: RLR,
     run_dir: Path,
-    name: str = "rlr",
-    before_epoch: Callable[[int], None] | None = None,
+    training: TrainConfig | None = None,
+    data_key: str = "",
 ) -> RLR:
     """Trains `method`'s model on Ray Train and returns the fitted method, loaded from the final checkpoint.
 
     Args:
-        train_features: rows with columns `level_0`, `level_1`, ... holding float32 `(C_l, H_l, W_l)` arrays
+        train_features: rows with one `level_<n>` column per level holding float32 `(C_l, H_l, W_l)` arrays
             (cached backbone features of normal images; every epoch rereads them, so pass a cached dataset).
-        method: an unfitted `RLR`; its options set the model, the schedule and the Ray resources.
-        run_dir: Ray Train storage path; checkpoints go to `run_dir/name`.
-        name: run name; reusing it with the same `run_dir` resumes that run from its latest checkpoint.
-        before_epoch: called on every worker with the epoch index before each epoch (must be picklable), for
-            per-epoch side work such as the fault injection in the tests.
+        method: an unfitted `RLR`; its options define the model and its optimisation.
+        run_dir: Ray Train storage path; each run is a folder in it.
+        training: workers, CPUs, GPUs, retries and checkpoint interval (None: `TrainConfig()`).
+        data_key: identity of the training features (part of the run's name, so other data never resumes it).
     """
-    levels, channels, grids = _feature_layout(train_features)
-    options = method.options
-    use_gpu = bool(options["use_gpu"]) and ray.cluster_resources().get("GPU", 0) > 0
+    training = training or TrainConfig()
+    columns, channels, grids = _feature_layout(train_features)
+    name = run_name(method, data_key)
+    _say_resume_or_fresh(Path(run_dir), name)
+    use_gpu = training.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
+    epochs = _EpochChannel.remote()
     config = {
-        "options": options,
-        "levels": levels,
+        "options": method.options.model_dump(),
+        "columns": columns,
         "channels": channels,
         "grids": grids,
-        "threads": max(1, math.floor(options["cpus_per_worker"])),
-        "before_epoch": before_epoch,
+        "threads": max(1, math.floor(training.cpus_per_worker)),
+        "checkpoint_every": training.checkpoint_every,
+        "epochs": epochs,
     }
     trainer = TorchTrainer(
         _train_func,
         train_loop_config=config,
         scaling_config=ScalingConfig(
-            num_workers=options["num_workers"],
+            num_workers=training.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": options["cpus_per_worker"]} | ({"GPU": 1} if use_gpu else {}),
+            resources_per_worker={"CPU": training.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
         ),
         run_config=RunConfig(
             name=name,
             storage_path=str(Path(run_dir).resolve()),
-            failure_config=FailureConfig(max_failures=options["max_failures"]),
+            failure_config=FailureConfig(max_failures=training.max_failures),
         ),
-        datasets={"train": _streamable(train_features, options["num_workers"] * options["cpus_per_worker"])},
+        datasets={"train": _streamable(train_features, training.num_workers * training.cpus_per_worker)},
     )
-    result = trainer.fit()
+    result = _fit_showing_epochs(trainer, epochs, method.options.epochs)
     if result.checkpoint is None:
         raise RuntimeError(f"rlr run {name!r} in {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         tensors = load_file(Path(directory, MODEL_FILE))
         progress = json.loads(Path(directory, PROGRESS_FILE).read_text())
-    state = MethodState(
-        options=options | {"channels": channels, "grids": grids},
-        tensors=tensors,
-        info={**progress, "checkpoint": result.checkpoint.path},
-    )
-    return RLR.from_state(state)
+    return method.load_trained(tensors, channels, grids, {**progress, "checkpoint": result.checkpoint.path})
+
+
+def run_name(method: RLR, data_key: str) -> str:
+    """`rlr-<hash>` of the model options and the training data: the same fit resumes, any other starts fresh."""
+    identity = json.dumps({"options": method.options.model_dump(), "data": data_key}, sort_keys=True)
+    return f"rlr-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+
+
+def _say_resume_or_fresh(run_dir: Path, name: str) -> None:
+    """Logs whether this fit resumes an earlier run or starts fresh beside runs with other options or data."""
+    checkpoints = sorted(path for path in (run_dir / name).glob("checkpoint_*") if path.is_dir())
+    if checkpoints:
+        logger.info("rlr: resuming run %s from its latest checkpoint (%s)", name, checkpoints[-1].name)
+        return
+    others = sorted(path.name for path in run_dir.glob("rlr-*") if path.is_dir() and path.name != name)
+    if others:
+        logger.info("rlr: earlier runs in %s used other options or data (%s): training %s from scratch", run_dir,
+                    ", ".join(others), name)
+
+
+@ray.remote(num_cpus=0)
+class _EpochChannel:
+    """Where the rank-0 worker posts each finished epoch, for the driver's progress bar."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def post(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def since(self, count: int) -> list[dict[str, Any]]:
+        return self.records[count:]
+
+
+def _fit_showing_epochs(trainer: TorchTrainer, epochs: Any, total: int) -> ray.train.Result:
+    """Runs `trainer.fit()` in a thread while the driver advances an epoch progress bar from the posted records."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised on the driver thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="reconray-train", daemon=True)
+    thread.start()
+    seen = 0
+    with stage("fit rlr: training", total=total, unit="epoch") as advance:
+        while thread.is_alive() or seen < total:
+            thread.join(_POLL_S)
+            records = ray.get(epochs.since.remote(seen))
+            for record in records:
+                if seen == 0 and record["resumed_from_epoch"]:
+                    advance(record["resumed_from_epoch"])
+                logger.debug("rlr epoch %d: loss %.4f", record["epoch"], record["loss"])
+                advance(1)
+            seen += len(records)
+            if not thread.is_alive() and not records:
+                break
+    ray.kill(epochs)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _streamable(train_features: ray.data.Dataset, reserved_cpus: float) -> ray.data.Dataset:
@@ -114,91 +191,79 @@ def _streamable(train_features: ray.data.Dataset, reserved_cpus: float) -> ray.d
     """
     total_cpus = ray.cluster_resources().get("CPU", 0.0)
     if total_cpus - reserved_cpus < 1:
-        print(
-            f"[reconray] rlr workers reserve {reserved_cpus:g} of the cluster's {total_cpus:g} CPUs, leaving Ray Data "
-            "none to stream the features: reading them into the object store first",
-            flush=True,
-        )
+        logger.info("rlr workers reserve %g of the cluster's %g CPUs, leaving Ray Data none to stream the features: "
+                    "reading them into the object store first", reserved_cpus, total_cpus)
         train_features = train_features.materialize()
     return train_features.randomize_block_order()
 
 
 def _feature_layout(train_features: ray.data.Dataset) -> tuple[list[str], list[int], list[list[int]]]:
     """Reads the level columns, channels and grids from the first row (finest level first)."""
-    rows = train_features.take(1)
-    if not rows:
-        raise ValueError("rlr: the training feature dataset is empty (no normal images?)")
-    levels = [key for key in rows[0] if key.startswith(LEVEL_PREFIX)]
-    levels.sort(key=lambda key: int(key[len(LEVEL_PREFIX) :]))
-    if not levels:
-        raise ValueError(f"rlr: no {LEVEL_PREFIX}<n> columns in the training features, got {sorted(rows[0])}")
-    shapes = [rows[0][key].shape for key in levels]
+    rows = train_features.take_batch(1, batch_format="numpy")
+    if not rows or not len(next(iter(rows.values()))):
+        raise DatasetError("rlr: the training feature dataset is empty (no normal images?)")
+    columns = level_columns(level_count(rows))
+    shapes = [rows[column].shape[1:] for column in columns]
     if any(len(shape) != 3 for shape in shapes):
-        raise ValueError(f"rlr: feature columns must hold (C, H, W) arrays, got shapes {shapes}")
-    return levels, [int(shape[0]) for shape in shapes], [[int(shape[1]), int(shape[2])] for shape in shapes]
+        raise DatasetError(f"rlr: feature columns must hold (C, H, W) arrays, got shapes {shapes}")
+    return columns, [int(shape[0]) for shape in shapes], [[int(shape[1]), int(shape[2])] for shape in shapes]
 
 
 def _train_func(config: dict[str, Any]) -> None:
     """Runs on every worker: resume if a checkpoint exists, then train epoch by epoch, reporting each one."""
-    options = config["options"]
+    method = RLR(**config["options"])
+    options = method.options
     torch.set_num_threads(config["threads"])
-    model = RLR(**options).build_model(config["channels"], config["grids"])
-    start_epoch, optimizer_tensors = 0, None
+    model = method.build_model(config["channels"], config["grids"])
+    start_epoch, history, optimizer_tensors = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             model.load_state_dict(load_file(Path(directory, MODEL_FILE)))
             optimizer_tensors = load_file(Path(directory, OPTIMIZER_FILE))
-            start_epoch = json.loads(Path(directory, PROGRESS_FILE).read_text())["epoch"]
+            progress = json.loads(Path(directory, PROGRESS_FILE).read_text())
+            start_epoch, history = progress["epoch"], progress["losses"]
     # Buffers (window indexes, masks, position codes) are fixed by the grid: no need to broadcast them every step.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
-    optimizer = make_optimizer(model, options["lr"])
+    optimizer = make_optimizer(model, options.lr)
     if optimizer_tensors is not None:
         _load_optimizer_tensors(optimizer, optimizer_tensors)
 
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
-    torch.manual_seed(options["seed"] + 1000 * start_epoch + rank + 1)  # jitter differs per worker and attempt
+    torch.manual_seed(jitter_seed(options.seed, start_epoch, rank))
     started = time.perf_counter()
-    for epoch in range(start_epoch, options["epochs"]):
-        if config["before_epoch"] is not None:
-            config["before_epoch"](epoch)
+    for epoch in range(start_epoch, options.epochs):
         epoch_started = time.perf_counter()
-        loss_sum, images = 0.0, 0
         batches = shard.iter_torch_batches(
-            batch_size=options["batch_size"],
+            batch_size=options.batch_size,
             dtypes=torch.float32,
             device=device,
-            local_shuffle_buffer_size=options["batch_size"] * _SHUFFLE_BATCHES,
-            local_shuffle_seed=options["seed"] + epoch,
+            local_shuffle_buffer_size=options.batch_size * _SHUFFLE_BATCHES,
+            local_shuffle_seed=options.seed + epoch,
         )
-        for batch in batches:
-            features = [batch[key] for key in config["levels"]]
-            loss = train_step(model, optimizer, features, options["jitter"], options["precision"])
-            loss_sum += loss * len(features[0])
-            images += len(features[0])
+        level_batches = ([batch[column] for column in config["columns"]] for batch in batches)
+        loss_sum, images = train_epoch(model, optimizer, level_batches, options.jitter, options.precision)
         loss_sum, images = _sum_over_workers(loss_sum, images, device)
-        metrics = {
-            "epoch": epoch + 1,
-            "loss": loss_sum / max(images, 1),
-            "images_per_s": images / (time.perf_counter() - epoch_started),
-            "elapsed_s": time.perf_counter() - started,
-            "resumed_from_epoch": start_epoch,
-        }
+        now = time.perf_counter()
+        record = epoch_record(epoch + 1, loss_sum, images, now - epoch_started, now - started, history, start_epoch)
+        history = record["losses"]
         if rank == 0:
-            print(
-                f"rlr epoch {epoch + 1}/{options['epochs']}: loss {metrics['loss']:.4f}, "
-                f"{metrics['images_per_s']:.1f} images/s, {metrics['elapsed_s']:.1f} s elapsed"
-            )
-        if epoch + 1 == options["epochs"] or (epoch + 1) % options["checkpoint_every"] == 0:
+            config["epochs"].post.remote(record)
+        if epoch + 1 == options.epochs or (epoch + 1) % config["checkpoint_every"] == 0:
             with tempfile.TemporaryDirectory() as directory:
                 if rank == 0:
-                    _write_checkpoint(Path(directory), model, optimizer, metrics)
+                    _write_checkpoint(Path(directory), model, optimizer, record)
                 checkpoint = Checkpoint.from_directory(directory) if rank == 0 else None
-                ray.train.report(metrics, checkpoint=checkpoint)
+                ray.train.report(_scalars(record), checkpoint=checkpoint)
         else:
-            ray.train.report(metrics)
+            ray.train.report(_scalars(record))
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, Any]:
+    """The epoch record without its loss history: what Ray Train keeps as each report's metrics."""
+    return {key: value for key, value in record.items() if key != "losses"}
 
 
 def _sum_over_workers(loss_sum: float, images: int, device: torch.device) -> tuple[float, int]:

@@ -3,13 +3,15 @@
 Ray is started once (2 CPUs, no dashboard) by the first test that asks for `ray_session` and shut down at the end;
 `pipelines.runtime.ensure_ray()` is a no-op while it runs, so every pipeline under test reuses it. Tests that need a
 cluster of their own (RAY_ADDRESS) run their driver in a child process and leave this one alone.
+
+Tiers: every test is `unit` or `integration` (see "tiers" below), so `pytest -m unit` is a fast run without Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +153,58 @@ class FileBuilder:
 def files(tmp_path: Path) -> FileBuilder:
     """Builds test files under this test's own tmp_path."""
     return FileBuilder(tmp_path)
+
+
+# --- tiers ---------------------------------------------------------------------------------------------------------
+
+TIERS = ("unit", "integration")
+_RAY_WAS_UP = pytest.StashKey[bool]()
+
+
+def _explicit_tiers(item: pytest.Item) -> set[str]:
+    return {mark.name for mark in item.iter_markers() if mark.name in TIERS}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """Makes a test marked with both tiers, or marked unit yet using `ray_session`, a collection error of its module."""
+    report = yield
+    problems = []
+    for item in report.result if report.passed else []:
+        tiers = _explicit_tiers(item) if isinstance(item, pytest.Item) else set()
+        if len(tiers) > 1:
+            problems.append(f"{item.nodeid}: marked both unit and integration")
+        elif tiers == {"unit"} and "ray_session" in item.fixturenames:
+            problems.append(f"{item.nodeid}: marked unit but uses ray_session")
+    if problems:
+        report.outcome, report.longrepr, report.result = "failed", "\n".join(problems), []
+    return report
+
+
+@pytest.hookimpl(tryfirst=True)  # first: `-m` deselects in pytest's own implementation of this hook
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tiers every test not marked explicitly: integration if it needs the session's Ray (even through another
+    fixture), else unit. Tests that start Ray some other way (a subprocess, their own cluster) are marked explicitly.
+    """
+    for item in items:
+        if not _explicit_tiers(item):
+            item.add_marker("integration" if "ray_session" in item.fixturenames else "unit")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_RAY_WAS_UP] = ray.is_initialized()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    """Fails a unit test that started Ray, in its fixtures or its body: the unit tier promises a run without one.
+
+    Ray already up (the session's, after an integration test) hides a unit test that merely uses it; `-m unit` runs
+    start with no Ray, so there the check is exact.
+    """
+    yield
+    if item.get_closest_marker("unit") and not item.stash[_RAY_WAS_UP] and ray.is_initialized():
+        pytest.fail(f"{item.nodeid} is a unit test but started Ray: mark it integration", pytrace=False)

@@ -25,10 +25,16 @@ from reconray.methods.artifact import load_artifact, read_config
 from reconray.methods.metrics import METRIC_NAMES
 from reconray.pipelines import run
 from reconray.pipelines.cli import main
+from reconray.pipelines.report import FIGURE_GAP, FIGURE_MIN_PANEL
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["fabric", "nut"]
 TIMING_KEYS = {"extract_ms_per_image", "score_ms_per_image", "fit_s", "bank_vectors", "bank_bytes"}
+
+
+def _figure_width(panels: int) -> int:
+    """Width of a heatmap figure of 64 px maps: `panels` enlarged panels with the gaps around them."""
+    return panels * (FIGURE_MIN_PANEL + FIGURE_GAP) + FIGURE_GAP
 
 
 def _cli(capsys: pytest.CaptureFixture, *argv: str | Path) -> tuple[int, str, str]:
@@ -108,9 +114,13 @@ def test_evaluate_writes_metrics_report_and_heatmaps(
     links = re.findall(r"\]\((heatmaps/[^)]+)\)", report)
     assert {Path(link).parts[1] for link in links} == set(CATEGORIES)
     assert len(set(links)) == 4 * len(CATEGORIES)
-    for link in links:
+    # Figures: input | ground-truth contour (defective images, which have a mask) | overlay, under a header band.
+    figures = re.findall(r"!\[(anomalous|normal) [^]]+\]\((heatmaps/[^)]+)\)", report)
+    assert len(figures) == 4 * len(CATEGORIES)
+    for label, link in figures:
         with Image.open(tmp_path / link) as heatmap:
-            assert heatmap.format == "PNG" and heatmap.size == (64, 64)
+            assert heatmap.format == "PNG" and heatmap.width == _figure_width(3 if label == "anomalous" else 2)
+            assert heatmap.height > FIGURE_MIN_PANEL + FIGURE_GAP
     # The training image the fit skipped (see test_fit) is listed, marked as skipped in the fit.
     assert "## Skipped images" in report and "unreadable image (image file is truncated) (skipped in fit)" in report
 
@@ -123,13 +133,13 @@ def test_predict_writes_predictions_and_overlays(
     code, out, err = _cli(capsys, "predict", "--model", cli_model, "--out", tmp_path, *images)
     assert code == 0, err
     predictions = json.loads((tmp_path / "predictions.json").read_text())
-    threshold = read_config(cli_model)["threshold"]
+    threshold = read_config(cli_model).threshold
     assert [entry["image"] for entry in predictions] == [str(image.resolve()) for image in images]
     for entry in predictions:
         assert set(entry) == {"image", "score", "is_anomalous", "threshold", "heatmap"}
         assert entry["threshold"] == threshold and entry["is_anomalous"] == (entry["score"] > threshold)
-        with Image.open(entry["heatmap"]) as heatmap:
-            assert heatmap.format == "PNG" and heatmap.size == (64, 64)
+        with Image.open(entry["heatmap"]) as heatmap:  # input | overlay: predict has no masks
+            assert heatmap.format == "PNG" and heatmap.width == _figure_width(2)
         assert f"{entry['image']}: score {entry['score']:.4f}" in out
     reference = load_artifact(cli_model).scorer()(pixels(images)).image_scores.numpy()
     np.testing.assert_allclose([entry["score"] for entry in predictions], reference, rtol=1e-5)
@@ -220,6 +230,10 @@ def test_predict_and_model_errors(fitted_model: Path, files, tmp_path: Path, cap
     assert code == 2 and f"{broken}: unreadable image" in err
     code, _, err = _cli(capsys, "predict", "--model", tmp_path, "--out", tmp_path / "pred", broken)
     assert code == 2 and f"{tmp_path}: not a reconray model" in err
+    code, _, err = _cli(capsys, "predict", "--model", fitted_model, "--out", tmp_path / "pred", tmp_path / "nope.png")
+    assert code == 2 and f"{tmp_path / 'nope.png'}: no such file or folder" in err
+    code, _, err = _cli(capsys, "predict", "--model", fitted_model, "--out", tmp_path / "pred", f"{tmp_path}/*.jpg")
+    assert code == 2 and f"{tmp_path}/*.jpg: pattern matches no image files" in err
     code, _, err = _cli(capsys, "fit", "--data", tmp_path, "--method", "patchcore", "--out", tmp_path / "m",
                         "--set", "coreset_ratio")
     assert code == 2 and "--set expects key=value, got 'coreset_ratio'" in err
@@ -228,6 +242,7 @@ def test_predict_and_model_errors(fitted_model: Path, files, tmp_path: Path, cap
     assert code == 2 and "unknown option(s) ['neighbours'] for method 'patchcore'" in err
 
 
+@pytest.mark.integration  # starts reconray in a subprocess
 def test_console_process_exits_non_zero_with_the_error_on_stderr(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -314,6 +329,7 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.integration  # `ray start` and a driver in subprocesses
 def test_ray_address_joins_the_existing_cluster(ray_head: tuple[str, dict[str, str]]) -> None:
     """RAY_ADDRESS set: join that cluster (1 CPU). Unset: start a local Ray even though a `ray start` one is up."""
     address, env = ray_head

@@ -1,4 +1,5 @@
-"""Metrics against independent references: scikit-learn for AUROC/AP/F1-max, a slow per-threshold loop for AUPRO."""
+"""Metrics against independent references: pairwise and per-threshold loops for the image metrics (which call
+scikit-learn), scikit-learn for pixel AUROC/AP and a slow per-threshold loop for AUPRO (both hand-written)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
-from skimage.measure import label as label_regions
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from reconray.methods.metrics import (
     METRIC_NAMES,
@@ -20,6 +21,8 @@ from reconray.methods.metrics import (
     pixel_auroc,
 )
 
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
 
 def _random_scores(rng: np.random.Generator, labels: np.ndarray, decimals: int | None) -> np.ndarray:
     """Overlapping score distributions; rounding makes many ties inside and across classes."""
@@ -27,11 +30,20 @@ def _random_scores(rng: np.random.Generator, labels: np.ndarray, decimals: int |
     return scores if decimals is None else np.round(scores, decimals)
 
 
+def _reference_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC by its definition: the chance that an anomalous sample outscores a normal one, ties counting half."""
+    anomalous, normal = scores[labels][:, None], scores[~labels][None, :]
+    return float(np.mean((anomalous > normal) + 0.5 * (anomalous == normal)))
+
+
 def _reference_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    denominator = precision + recall
-    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
-    return float(f1.max())
+    """F1 = 2 TP / (2 TP + FP + FN) recomputed from scratch at every distinct score taken as threshold."""
+    best = 0.0
+    for threshold in np.unique(scores):
+        predicted = scores >= threshold
+        tp, fp, fn = (predicted & labels).sum(), (predicted & ~labels).sum(), (~predicted & labels).sum()
+        best = max(best, 2 * tp / (2 * tp + fp + fn))
+    return best
 
 
 def _random_masks(rng: np.random.Generator, n_images: int, size: int) -> np.ndarray:
@@ -48,12 +60,10 @@ def _random_masks(rng: np.random.Generator, n_images: int, size: int) -> np.ndar
 
 def _reference_aupro(masks: np.ndarray, anomaly_maps: np.ndarray, fpr_limit: float) -> float:
     """PRO and FPR recomputed from scratch at every distinct score, integrated point by point up to fpr_limit."""
-    regions = [
-        (index, labeled == region)
-        for index, mask in enumerate(masks)
-        for labeled in [label_regions(mask, connectivity=2)]
-        for region in range(1, labeled.max() + 1)
-    ]
+    regions = []
+    for index, mask in enumerate(masks):
+        labeled, n_regions = ndimage.label(mask, structure=EIGHT_CONNECTED)
+        regions += [(index, labeled == region) for region in range(1, n_regions + 1)]
     normal = ~masks
     points = [(0.0, 0.0)]
     for threshold in np.unique(anomaly_maps)[::-1]:
@@ -74,11 +84,11 @@ def _reference_aupro(masks: np.ndarray, anomaly_maps: np.ndarray, fpr_limit: flo
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("decimals", [None, 1])
-def test_image_metrics_match_sklearn(seed: int, decimals: int | None) -> None:
+def test_image_metrics_match_their_definitions(seed: int, decimals: int | None) -> None:
     rng = np.random.default_rng(seed)
     labels = rng.random(200) < 0.3
     scores = _random_scores(rng, labels, decimals)
-    assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    assert image_auroc(labels, scores) == pytest.approx(_reference_auroc(labels, scores), abs=1e-9)
     assert image_f1_max(labels, scores) == pytest.approx(_reference_f1_max(labels, scores), abs=1e-9)
 
 
@@ -127,19 +137,20 @@ def test_perfect_detector_scores_one_everywhere() -> None:
     assert (metrics["n_images"], metrics["n_anomalous"]) == (6, 5)
 
 
-def test_compute_metrics_agrees_with_single_metrics() -> None:
+def test_compute_metrics_matches_the_references() -> None:
     rng = np.random.default_rng(1)
     masks = _random_masks(rng, n_images=8, size=24)
     labels = masks.any(axis=(1, 2))
     anomaly_maps = _random_scores(rng, masks, 1).astype(np.float32)
     image_scores = np.round(anomaly_maps.max(axis=(1, 2)) + rng.normal(size=8), 1)
     metrics = compute_metrics(labels, image_scores, masks, anomaly_maps)
+    flat_masks, flat_maps = masks.ravel(), anomaly_maps.ravel()
     assert metrics == {
-        "image_auroc": image_auroc(labels, image_scores),
-        "pixel_auroc": pixel_auroc(masks, anomaly_maps),
-        "aupro": aupro(masks, anomaly_maps),
-        "pixel_ap": pixel_ap(masks, anomaly_maps),
-        "image_f1_max": image_f1_max(labels, image_scores),
+        "image_auroc": pytest.approx(_reference_auroc(labels, image_scores), abs=1e-9),
+        "pixel_auroc": pytest.approx(roc_auc_score(flat_masks, flat_maps), abs=1e-9),
+        "aupro": pytest.approx(_reference_aupro(masks, anomaly_maps, 0.3), abs=1e-9),
+        "pixel_ap": pytest.approx(average_precision_score(flat_masks, flat_maps), abs=1e-9),
+        "image_f1_max": pytest.approx(_reference_f1_max(labels, image_scores), abs=1e-9),
         "n_images": 8,
         "n_anomalous": int(labels.sum()),
     }
@@ -216,6 +227,8 @@ def test_mean_metrics_skips_none_and_sums_counts() -> None:
         (lambda: image_auroc(np.array([0, 1]), np.array([0.1, 0.2, 0.3])), "equal length"),
         (lambda: image_auroc(np.array([0, 2]), np.array([0.1, 0.2])), "0 \\(normal\\) or 1"),
         (lambda: image_f1_max(np.array([0, 1]), np.array([0.1, np.nan])), "1 NaN"),
+        (lambda: image_auroc(np.array([0, 1]), np.array(["low", "high"])), "must be numeric"),
+        (lambda: aupro(np.ones((1, 2, 2)), np.full((1, 2, 2), np.nan)), "4 NaN"),
         (lambda: pixel_auroc(np.zeros((2, 4, 4)), np.zeros((2, 4, 5))), "\\(2, 4, 5\\)"),
         (lambda: pixel_ap(np.zeros((4, 4)), np.zeros((4, 4))), "\\(N, H, W\\)"),
         (lambda: aupro(np.ones((1, 2, 2)), np.zeros((1, 2, 2)), fpr_limit=0.0), "fpr_limit must be in \\(0, 1\\]"),

@@ -1,0 +1,148 @@
+"""How a method is fitted at scale: what every distributed fit is given, and the registry that picks one per method.
+
+`reconray.methods` stays free of Ray: a method knows how to fit in one process. The Ray way to fit it is a hook
+registered here for its class (or a base class, found through the class's MRO): bank methods condense feature
+batches on Ray Data workers (`bank_fit`), RLR trains on Ray Train (`train_rlr`). `fit.py` and `run.py` only call
+`distributed_fit`, so adding a method touches its own files and the import list at the bottom of this module.
+
+Example:
+    >>> @register_distributed_fit(MyMethod)
+    ... def fit_my_method(method: MyMethod, context: FitContext) -> MyMethod:
+    ...     method.fit(batch for batch in context.features().iter_batches(...))
+    ...     return method
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import ray
+
+from reconray.methods.artifact import ModelSpec
+from reconray.methods.base import AnomalyMethod
+from reconray.methods.errors import OptionError
+from reconray.pipelines.datasets import Sample
+from reconray.pipelines.ingest import Resources, feature_dataset, level_columns
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+class TrainConfig(pydantic.BaseModel):
+    """How a trained method is scheduled on Ray Train: not part of the model, so not stored in the artifact.
+
+    Attributes:
+        num_workers: data-parallel workers (DDP).
+        cpus_per_worker: CPUs each worker reserves; torch runs that many threads (at least one).
+        use_gpu: a GPU per worker when the cluster has GPUs (CPU otherwise).
+        max_failures: worker failures a run recovers from by restarting from its last checkpoint.
+        checkpoint_every: epochs between checkpoints (the last epoch is always checkpointed).
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    num_workers: int = pydantic.Field(1, ge=1)
+    cpus_per_worker: float = pydantic.Field(1.0, gt=0.0)
+    use_gpu: bool = True
+    max_failures: int = pydantic.Field(3, ge=0)
+    checkpoint_every: int = pydantic.Field(10, ge=1)
+
+
+def work_dir_for(out_dir: Path) -> Path:
+    """Default work directory of a fit: beside the artifact, never inside it, so shipping a model ships no cache."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{out_dir.name}-work"
+
+
+@dataclasses.dataclass
+class FitContext:
+    """Everything a distributed fit needs besides the method itself.
+
+    Attributes:
+        samples: the normal training images to fit on (the calibration hold-out already removed).
+        spec: how images become features.
+        resources: actor pool and batch sizes for Ray Data.
+        work_dir: training byproducts (feature cache, Ray Train checkpoints), beside the artifact.
+        training: Ray Train scheduling, for methods that train.
+        feature_cache: a feature cache folder shared by several fits of the same images (None: `work_dir/cache`
+            when a method needs a cache, and streamed features otherwise).
+    """
+
+    samples: list[Sample]
+    spec: ModelSpec
+    resources: Resources
+    work_dir: Path
+    training: TrainConfig = TrainConfig()
+    feature_cache: Path | None = None
+
+    def features(self) -> ray.data.Dataset:
+        """Backbone features of the samples: from the shared cache when there is one, else streamed once."""
+        if self.feature_cache is not None:
+            return self.cached_features()
+        return feature_dataset(self.samples, self.spec, self.resources)
+
+    def cached_features(self) -> ray.data.Dataset:
+        """Backbone features of the samples, extracted once into Parquet shards keyed by `feature_key`.
+
+        Training methods read these every epoch instead of re-running the frozen backbone; a different backbone,
+        level set, image size or file list gets a new key and so a fresh extraction.
+        """
+        cache_dir = ((self.feature_cache or self.work_dir / "cache") / self.feature_key()).resolve()
+        complete = cache_dir / COMPLETE_MARKER
+        if complete.exists():
+            logger.info("reusing cached features of %d images (%s)", len(self.samples), cache_dir)
+        else:
+            logger.info("extracting features of %d images into the cache %s", len(self.samples), cache_dir)
+            columns = level_columns(len(self.spec.levels))
+            feature_dataset(self.samples, self.spec, self.resources).select_columns(columns).write_parquet(
+                str(cache_dir))
+            complete.write_text(self._key_source())
+        return ray.data.read_parquet(str(cache_dir), file_extensions=["parquet"])
+
+    def feature_key(self) -> str:
+        """Identity of the features: the spec and every training file with its modification time."""
+        return hashlib.sha256(self._key_source().encode()).hexdigest()[:16]
+
+    def _key_source(self) -> str:
+        return json.dumps({
+            "spec": dataclasses.asdict(self.spec),
+            "columns": level_columns(len(self.spec.levels)),
+            "images": sorted((sample.image, Path(sample.image).stat().st_mtime) for sample in self.samples),
+        })
+
+
+DistributedFit = Callable[[Any, FitContext], AnomalyMethod]
+_DISTRIBUTED_FITS: dict[type[AnomalyMethod], DistributedFit] = {}
+
+
+def register_distributed_fit(method_class: type[AnomalyMethod]) -> Callable[[DistributedFit], DistributedFit]:
+    """Decorator: `fit(method, context) -> fitted method` is how instances of `method_class` are fitted on Ray."""
+
+    def decorator(fit: DistributedFit) -> DistributedFit:
+        if method_class in _DISTRIBUTED_FITS:
+            raise ValueError(f"{method_class.__name__} has two distributed fits registered")
+        _DISTRIBUTED_FITS[method_class] = fit
+        return fit
+
+    return decorator
+
+
+def distributed_fit(method: AnomalyMethod, context: FitContext) -> AnomalyMethod:
+    """Fits `method` with the hook registered for its class or its closest registered base class."""
+    for cls in type(method).__mro__:
+        if cls in _DISTRIBUTED_FITS:
+            return _DISTRIBUTED_FITS[cls](method, context)
+    raise OptionError(f"method {method.name!r} has no distributed fit registered (see reconray.pipelines.fitting)")
+
+
+# Importing the hook modules fills the registry, as importing reconray.methods fills the method registry.
+from reconray.pipelines import bank_fit as _bank_fit  # noqa: E402,F401  isort: skip
+from reconray.pipelines import train_rlr as _train_rlr  # noqa: E402,F401  isort: skip

@@ -1,0 +1,55 @@
+"""Settings of a Serve deployment, validated: kept apart from `serve.py` so the CLI reads its defaults without
+importing Ray Serve."""
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_MAX_BYTES = 20_000_000
+"""Largest accepted image upload (20 MB): larger bodies get a 413 before they are read in full."""
+DEFAULT_MAX_SIDE = 8000
+"""Largest accepted width or height in pixels, checked from the image header before decoding."""
+GPU_BATCH_SIZE = 8
+"""Default `max_batch_size` of a replica with a GPU; CPU replicas default to 1."""
+
+class ServeOptions(BaseModel):
+    """Deployment settings: the arguments of `build_app`, of `serve run reconray.pipelines.serve:build_app key=value
+    ...` and of a RayService `args:` block. Strings from the command line are converted and range-checked here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_dir: str = Field(description="artifact directory written by `reconray fit`")
+    threshold: float | None = Field(None, description="deployment threshold; default: the artifact's calibrated one")
+    min_replicas: int = Field(1, ge=1, le=1024)
+    max_replicas: int = Field(2, ge=1, le=1024)
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="autoscaling target per replica; default: one full batch, at least 2 (one being "
+                                "scored while the next is decoded)"
+    )
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="requests a replica holds at once; default: 32, at least 2 x max_batch_size"
+    )
+    max_batch_size: int | None = Field(
+        None, ge=1, le=256, description=f"images per backbone pass; default: {GPU_BATCH_SIZE} with a GPU per replica, "
+                                        "1 on CPU, where batching measured slower (benchmarks/RESULTS.md)"
+    )
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+    num_cpus: float = Field(1.0, gt=0.0, le=1024.0, description="CPUs per replica, fractional allowed")
+    num_gpus: float = Field(0.0, ge=0.0, le=16.0, description="GPUs per replica, fractional allowed")
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
+    max_side: int = Field(DEFAULT_MAX_SIDE, ge=1, le=65535)
+
+    @property
+    def batch_size(self) -> int:
+        """The batch size in effect: the one given, else the device default."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return GPU_BATCH_SIZE if self.num_gpus > 0 else 1
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeOptions":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be a finite number, got {self.threshold}")
+        return self
