@@ -121,12 +121,13 @@ def _area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
     beyond it are ignored, so callers may pass only the first point past the limit.
     """
     n_inside = int(np.searchsorted(fpr, fpr_limit, side="right"))
-    fpr_cut, pro_cut = fpr[:n_inside], pro[:n_inside]
+    fpr_inside, pro_inside = fpr[:n_inside], pro[:n_inside]
+    twice_area = float(np.dot(np.diff(fpr_inside), pro_inside[1:] + pro_inside[:-1]))
     if n_inside < fpr.size:
-        share = (fpr_limit - fpr[n_inside - 1]) / (fpr[n_inside] - fpr[n_inside - 1])
-        fpr_cut = np.append(fpr_cut, fpr_limit)
-        pro_cut = np.append(pro_cut, pro[n_inside - 1] + share * (pro[n_inside] - pro[n_inside - 1]))
-    return float(np.sum(np.diff(fpr_cut) * (pro_cut[1:] + pro_cut[:-1])) / 2 / fpr_limit)
+        share = (fpr_limit - fpr_inside[-1]) / (fpr[n_inside] - fpr_inside[-1])
+        pro_at_limit = pro_inside[-1] + share * (pro[n_inside] - pro_inside[-1])
+        twice_area += (fpr_limit - fpr_inside[-1]) * (pro_inside[-1] + pro_at_limit)
+    return twice_area / 2 / fpr_limit
 
 
 def _check_image_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

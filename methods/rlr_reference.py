@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from reconray.methods.rlr import check_grid, sincos_position_code, token_embedding, window_size
 from torch import nn
+
+from reconray.methods.rlr import check_grid, sincos_position_code, token_embedding, window_size
 
 
 def dense_window_masks(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

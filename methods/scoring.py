@@ -38,7 +38,7 @@ def anomaly_map(patch_scores: torch.Tensor, image_size: tuple[int, int], sigma: 
 
 def image_scores(anomaly_maps: torch.Tensor) -> torch.Tensor:
     """Image score = the maximum of its anomaly map: one defect anywhere makes the image anomalous."""
-    return anomaly_maps.flatten(1).mean(dim=1)
+    return anomaly_maps.flatten(1).amax(dim=1)
 
 
 @functools.lru_cache(maxsize=32)

@@ -195,11 +195,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Notes, before any of the test's fixtures, whether Ray is already up: the teardown check blames only a start."""
     item.stash[_RAY_WAS_UP] = ray.is_initialized()
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
     """Fails a unit test that started Ray, in its fixtures or its body: the unit tier promises a run without one.
 
     Ray already up (the session's, after an integration test) hides a unit test that merely uses it; `-m unit` runs

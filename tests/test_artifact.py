@@ -17,13 +17,14 @@ from reconray.methods.artifact import (
     SCHEMA_VERSION,
     TENSORS_FILE,
     ArtifactError,
+    FitRecord,
     ModelSpec,
     load_artifact,
     read_config,
     save_artifact,
     set_threshold,
 )
-from reconray.methods.base import AnomalyMethod, MethodState
+from reconray.methods.base import AnomalyMethod, MethodOptions, MethodState
 
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".bin", ".npy", ".npz", ".joblib"}
 
@@ -31,8 +32,10 @@ PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".bin", ".npy", ".npz", ".j
 class _NearestMean(AnomalyMethod):
     """A method with tensor state (the per-channel mean of nominal features), to exercise the safetensors path."""
 
+    class Options(MethodOptions):
+        scale: float = 1.0
+
     name = "test_nearest_mean"
-    defaults = {"scale": 1.0}
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
@@ -42,10 +45,11 @@ class _NearestMean(AnomalyMethod):
         self.mean = torch.cat([features[0] for features in feature_batches]).mean(dim=(0, 2, 3))
 
     def score(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return self.options["scale"] * (features[0] - self.mean[None, :, None, None]).norm(dim=1)
+        return self.options.scale * (features[0] - self.mean[None, :, None, None]).norm(dim=1)
 
     def state(self) -> MethodState:
-        return MethodState(options=dict(self.options), tensors={"mean": self.mean}, info={"channels": len(self.mean)})
+        return MethodState(options=self.options.model_dump(), tensors={"mean": self.mean},
+                           info={"channels": len(self.mean)})
 
     @classmethod
     def from_state(cls, state: MethodState) -> _NearestMean:
@@ -83,25 +87,30 @@ def test_tensor_state_round_trip(tmp_path: Path, model_spec: ModelSpec, monkeypa
     features = [torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(0))]
     method = _NearestMean(scale="2.5")
     method.fit([features])
+    record = FitRecord(fit_s=1.5, n_fit=4, n_calibration=1)
     directory = save_artifact(tmp_path / "mean", method, model_spec, threshold=None, categories=["a", "b"],
-                              info={"note": "unit test"})
+                              fit=record)
     assert sorted(path.name for path in directory.iterdir()) == [CONFIG_FILE, TENSORS_FILE]
     artifact = load_artifact(directory)
-    assert isinstance(artifact.method, _NearestMean) and artifact.method.options == {"scale": 2.5}
+    assert isinstance(artifact.method, _NearestMean) and artifact.method.options.scale == 2.5
     assert torch.equal(artifact.method.score(features), method.score(features))
-    assert artifact.spec == model_spec and artifact.threshold is None and artifact.info == {"note": "unit test"}
-    assert read_config(directory)["method_info"] == {"channels": 6}
+    assert artifact.spec == model_spec and artifact.threshold is None and artifact.config.fit == record
+    config = read_config(directory)
+    assert config.method_info == {"channels": 6}
+    assert (config.bank_vectors, config.bank_bytes) == (None, None)  # a method without a bank says so
 
 
 def test_config_lists_what_design_requires(fitted_model: Path, model_spec: ModelSpec) -> None:
     config = json.loads((fitted_model / CONFIG_FILE).read_text())
     assert config["schema_version"] == SCHEMA_VERSION and config["method"] == "patchcore"
-    assert (config["backbone"], config["levels"], config["image_size"]) == ("tf_efficientnet_lite0", [2, 3], 64)
-    assert (config["mean"], config["std"]) == (model_spec.mean, model_spec.std)
-    assert config["options"] == create_method("patchcore").options
+    spec = config["spec"]
+    assert (spec["backbone"], spec["levels"], spec["image_size"]) == ("tf_efficientnet_lite0", [2, 3], 64)
+    assert (spec["mean"], spec["std"]) == (model_spec.mean, model_spec.std)
+    assert config["options"] == create_method("patchcore").options.model_dump()
     assert set(config["sha256"]) == {"bank.faiss"}
     assert all(re.fullmatch(r"[0-9a-f]{64}", digest) for digest in config["sha256"].values())
-    assert config["method_info"]["bank_vectors"] == 8 * 8 * 10
+    assert config["bank_vectors"] == 8 * 8 * 10
+    assert "basis_vectors" not in json.dumps(config)  # one name for the bank size, whatever the method
 
 
 def test_no_pickle_in_the_artifact(fitted_model: Path) -> None:
@@ -155,6 +164,15 @@ def test_missing_file_config_and_schema_are_refused(model_copy: Path, tmp_path: 
         load_artifact(tmp_path / "nowhere")
 
 
+def test_a_config_with_a_wrong_field_is_refused_naming_it(model_copy: Path) -> None:
+    config_path = model_copy / CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    config["spec"]["image_size"] = "large"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match=r"config\.json: spec\.image_size: Input should be a valid integer"):
+        read_config(model_copy)
+
+
 def test_missing_listed_file_and_unknown_method(model_copy: Path) -> None:
     config = json.loads((model_copy / CONFIG_FILE).read_text())
     (model_copy / "bank.faiss").rename(model_copy / "moved.faiss")
@@ -181,6 +199,6 @@ def test_set_threshold_rewrites_only_the_config(model_copy: Path) -> None:
 def test_loaded_bank_is_the_saved_bank(fitted_model: Path) -> None:
     artifact = load_artifact(fitted_model)
     vectors, size = artifact.method.bank_stats()
-    info = read_config(fitted_model)["method_info"]
-    assert (vectors, size) == (info["bank_vectors"], info["bank_bytes"])
+    config = read_config(fitted_model)
+    assert (vectors, size) == (config.bank_vectors, config.bank_bytes)
     assert size > vectors * 152 * 4

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from reconray.methods import create_method, knn
-from reconray.methods.patchcore import PatchCore, greedy_coreset
+from reconray.methods.coreset import greedy_coreset
+from reconray.methods.errors import NotFittedError, OptionError
+from reconray.methods.patchcore import PatchCore
 
 
 def _clusters(count: int, dim: int, clusters: int = 10, spread: float = 0.05, seed: int = 0) -> torch.Tensor:
@@ -92,7 +94,7 @@ def test_coreset_takes_one_point_per_cluster(dim: int) -> None:
 def test_coreset_ratio_keeps_a_subset_of_the_training_patches() -> None:
     train = _clusters(640, 12)
     method = _fitted(train, coreset_ratio="0.1")
-    assert method.options["coreset_ratio"] == 0.1
+    assert method.options.coreset_ratio == 0.1
     assert method.bank_stats()[0] == 64
     bank = torch.from_numpy(knn.to_cpu(method.index).reconstruct_n(0, 64))
     assert torch.cdist(bank, train, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.max() < 1e-5
@@ -106,19 +108,23 @@ def test_state_round_trip_keeps_scores() -> None:
     restored = PatchCore.from_state(method.state())
     queries = _as_features(_clusters(64, 8, seed=4), 4, 4, 4)
     assert torch.equal(restored.score(queries), method.score(queries))
-    vectors, size = method.bank_stats()
-    assert method.state().info == {"bank_vectors": vectors, "bank_bytes": size}
+    vectors, size = restored.bank_stats()
+    assert (vectors, size) == method.bank_stats()
     assert vectors == 256 and size >= 256 * 8 * 4
 
 
 def test_invalid_options_and_unfitted_use_are_refused() -> None:
-    for ratio in (0.0, 1.5):
-        with pytest.raises(ValueError, match=rf"coreset_ratio must be in \(0, 1\], got {ratio}"):
+    for ratio, bound in ((0.0, "greater than 0"), (1.5, "less than or equal to 1")):
+        with pytest.raises(OptionError, match=rf"patchcore\.coreset_ratio={ratio}: Input should be {bound}"):
             create_method("patchcore", coreset_ratio=ratio)
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['neighbours'\] for method 'patchcore'"):
+    with pytest.raises(OptionError, match=r"patchcore\.index='foo': Input should be 'auto', 'flat' or 'ivf'"):
+        create_method("patchcore", index="foo")
+    with pytest.raises(OptionError, match=r"unknown option\(s\) \['neighbours'\] for method 'patchcore'"):
         create_method("patchcore", neighbours=3)
-    with pytest.raises(RuntimeError, match="patchcore is not fitted"):
+    with pytest.raises(NotFittedError, match=r"patchcore is not fitted: score\(\) needs fit\(\)"):
         create_method("patchcore").score([torch.zeros(1, 4, 2, 2)])
+    with pytest.raises(NotFittedError, match=r"patchcore is not fitted: state\(\)"):
+        create_method("patchcore").state()
     with pytest.raises(ValueError, match=r"coreset size must be in 1\.\.10, got 11"):
         greedy_coreset(torch.zeros(10, 2), 11)
     with pytest.raises(ValueError, match=r"k=5 neighbours requested but the index holds only 4 vectors"):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from reconray.methods.errors import NotFittedError, OptionError
 from reconray.methods.rlr import (
     RLR,
     RLRModel,
@@ -164,7 +165,7 @@ def _structured_batches(count: int, seed: int) -> list[list[torch.Tensor]]:
 
 
 def _tiny_rlr(**options) -> RLR:
-    settings = {"epochs": 6, "lr": 2e-3, "d_model": 16, "heads": 2, "layers": 1, "use_gpu": False, "jitter": 1.0}
+    settings = {"epochs": 6, "lr": 2e-3, "d_model": 16, "heads": 2, "layers": 1, "jitter": 1.0}
     return RLR(**(settings | options))
 
 
@@ -172,8 +173,9 @@ def _tiny_rlr(**options) -> RLR:
 def test_fit_lowers_the_loss_and_scores_anomalies_higher(precision):
     method = _tiny_rlr(precision=precision)
     method.fit(_structured_batches(32, seed=0))
-    losses = method.info["epoch_losses"]
+    losses = method.info["losses"]
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0]
+    assert method.info["epoch"] == 6 and method.info["loss"] == losses[-1] and method.info["images_per_s"] > 0
     normal = _structured_batches(4, seed=1)[0]
     anomalous = [level.clone() for level in normal]
     anomalous[0][:, :, 2:4, 2:4] = 6.0
@@ -188,7 +190,8 @@ def test_state_round_trip_rebuilds_the_same_model():
     batches = _structured_batches(8, seed=0)
     method.fit(batches)
     state = method.state()
-    assert state.options["channels"] == [6, 12] and state.options["grids"] == [[8, 8], [4, 4]]
+    assert state.info["channels"] == [6, 12] and state.info["grids"] == [[8, 8], [4, 4]]
+    assert set(state.options) == set(RLR.defaults())  # the options define the model only
     restored = RLR.from_state(state)
     assert torch.allclose(restored.score(batches[0]), method.score(batches[0]), atol=1e-6)
 
@@ -197,8 +200,10 @@ def test_precision_auto_is_bfloat16_only_with_native_support_and_unknown_ones_ar
     native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     assert resolve_precision(torch.device("cpu")) == ("bfloat16" if native else "float32")
     assert resolve_precision(torch.device("cpu"), "float32") == "float32"
-    with pytest.raises(ValueError, match=r"precision 'half'.*float32"):
+    with pytest.raises(OptionError, match=r"rlr\.precision='half': Input should be 'auto', 'float32' or 'bfloat16'"):
         _tiny_rlr(precision="half")
+    with pytest.raises(OptionError, match=r"unknown option\(s\) \['num_workers'\]"):
+        _tiny_rlr(num_workers=2)  # scheduling is a training setting of the pipeline, not a model option
 
 
 def test_bfloat16_scores_agree_with_float32_scores():
@@ -207,7 +212,7 @@ def test_bfloat16_scores_agree_with_float32_scores():
     batches = _structured_batches(8, seed=0)
     method.fit(batches)
     exact = method.score(batches[0])
-    method.options["precision"] = "bfloat16"
+    method.options = method.options.model_copy(update={"precision": "bfloat16"})
     mixed = method.score(batches[0])
     assert exact.shape == mixed.shape
     assert ((mixed - exact).abs() / exact.abs().clamp_min(1e-3)).median() < 0.02
@@ -216,5 +221,7 @@ def test_bfloat16_scores_agree_with_float32_scores():
 
 
 def test_score_before_fit_is_refused():
-    with pytest.raises(RuntimeError, match="before fit"):
+    with pytest.raises(NotFittedError, match=r"rlr is not fitted: score\(\)"):
         _tiny_rlr().score([torch.zeros(1, 6, 8, 8)])
+    with pytest.raises(OptionError, match="d_model 30 must be a multiple of 4 and of heads 4"):
+        _tiny_rlr(d_model=30, heads=4)

@@ -1,18 +1,23 @@
-"""RLR on a real local Ray Train: two workers, a worker that fails mid-run, and a run resumed by re-running it."""
+"""RLR on a real local Ray Train: two workers, a worker process killed mid-run, and a run resumed by re-running it."""
 
 import json
 import math
-from collections.abc import Callable
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import ray
 import ray.train
 import torch
 
 from reconray.methods.rlr import RLR
-from reconray.pipelines.train_rlr import PROGRESS_FILE, train_rlr
+from reconray.pipelines.fitting import TrainConfig
+from reconray.pipelines.train_rlr import PROGRESS_FILE, run_name, train_rlr
 
 
 @pytest.fixture(scope="module")
@@ -29,63 +34,86 @@ def features(ray_session) -> ray.data.Dataset:
     return ray.data.from_items(rows).materialize()
 
 
+EPOCHS = 12
+"""Long enough that a worker killed after the second checkpoint dies mid-run, not after the last epoch."""
+
+
 def _method(**options) -> RLR:
-    settings = {
-        "d_model": 16,
-        "heads": 2,
-        "layers": 1,
-        "lr": 3e-3,
-        "jitter": 1.0,
-        "batch_size": 4,
-        "checkpoint_every": 1,
-        "use_gpu": False,
-        "cpus_per_worker": 0.5,
-    }
-    return RLR(**(settings | options))
+    return RLR(**({"d_model": 16, "heads": 2, "layers": 1, "lr": 3e-3, "jitter": 1.0, "batch_size": 4} | options))
 
 
-def _fail_once_at(epoch: int, marker: Path) -> Callable[[int], None]:
-    """A `before_epoch` hook that raises the first time any worker reaches `epoch` (a marker file remembers it).
-
-    A nested function, so Ray pickles it by value and the workers need not import this test module.
-    """
-
-    def before_epoch(current: int) -> None:
-        if current == epoch and not marker.exists():
-            marker.touch()
-            raise RuntimeError(f"injected worker failure at epoch {epoch}")
-
-    return before_epoch
+def _training(**settings) -> TrainConfig:
+    return TrainConfig(**({"checkpoint_every": 1, "use_gpu": False, "cpus_per_worker": 0.5} | settings))
 
 
-def _checkpointed_losses(run_dir: Path, name: str) -> dict[int, float]:
-    progress = [json.loads(path.read_text()) for path in (run_dir / name).glob(f"checkpoint_*/{PROGRESS_FILE}")]
+def _checkpointed_losses(run: Path) -> dict[int, float]:
+    progress = [json.loads(path.read_text()) for path in run.glob(f"checkpoint_*/{PROGRESS_FILE}")]
     return {entry["epoch"]: entry["loss"] for entry in progress}
 
 
-def test_two_workers_recover_from_a_worker_failure_and_the_loss_goes_down(features, tmp_path):
-    marker = tmp_path / "failed-once"
-    method = _method(epochs=4, num_workers=2, max_failures=1)
-    fitted = train_rlr(features, method, tmp_path / "runs", name="unified", before_epoch=_fail_once_at(2, marker))
-    assert marker.exists()  # the failure really happened
-    assert fitted.info["epoch"] == 4
-    assert fitted.info["resumed_from_epoch"] == 2  # restarted workers continued from the epoch-2 checkpoint
-    losses = _checkpointed_losses(tmp_path / "runs", "unified")
-    assert sorted(losses) == [1, 2, 3, 4]
-    assert losses[4] < 0.8 * losses[1]
+def _registered_checkpoints(run: Path) -> int:
+    """Checkpoints the Train controller has registered (its snapshot file): only those survive a worker crash, since
+    a report still queued in a killed worker dies with it."""
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    try:
+        return len(json.loads(snapshot.read_text())["checkpoint_results"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _kill_a_worker_after(run: Path, epochs: int) -> threading.Thread:
+    """Kills one training worker's process (SIGKILL) once `epochs` checkpoints are registered: a real crash."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and _registered_checkpoints(run) < epochs:
+            time.sleep(0.1)
+        # Ray titles each actor's process `ray::<class>...`, so the training workers are found by their command line.
+        workers = [process for process in psutil.process_iter(["cmdline"])
+                   if "RayTrainWorker" in " ".join(process.info["cmdline"] or [])]
+        os.kill(workers[0].pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_two_workers_recover_from_a_killed_worker_and_the_loss_goes_down(features, tmp_path):
+    method = _method(epochs=EPOCHS)
+    run = tmp_path / "runs" / run_name(method, "stripes")
+    killer = _kill_a_worker_after(run, epochs=2)
+    fitted = train_rlr(features, method, tmp_path / "runs", _training(num_workers=2, max_failures=1),
+                       data_key="stripes")
+    killer.join(timeout=5)
+    assert fitted.info["epoch"] == EPOCHS
+    assert 2 <= fitted.info["resumed_from_epoch"] < EPOCHS  # restarted workers continued from a checkpoint
+    assert len(fitted.info["losses"]) == EPOCHS  # the loss history survives the restart
+    losses = _checkpointed_losses(run)
+    assert sorted(losses) == list(range(1, EPOCHS + 1))
+    assert losses[EPOCHS] < 0.8 * losses[1]
     batch = features.take_batch(4)
     scores = fitted.score([torch.from_numpy(batch[key]) for key in ("level_0", "level_1")])
     assert scores.shape == (4, 8, 8)
 
 
-def test_rerunning_an_interrupted_run_resumes_from_its_last_checkpoint(features, tmp_path):
-    method = _method(epochs=3, num_workers=1, max_failures=0)
+def test_rerunning_an_interrupted_run_resumes_and_other_options_start_fresh(features, tmp_path, caplog):
+    method = _method(epochs=EPOCHS)
+    run = tmp_path / run_name(method, "stripes")
+    killer = _kill_a_worker_after(run, epochs=2)
     with pytest.raises(ray.train.TrainingFailedError):
-        train_rlr(features, method, tmp_path, name="interrupted", before_epoch=_fail_once_at(2, tmp_path / "marker"))
-    assert sorted(_checkpointed_losses(tmp_path, "interrupted")) == [1, 2]
-    fitted = train_rlr(features, method, tmp_path, name="interrupted")
-    assert fitted.info["epoch"] == 3
-    assert fitted.info["resumed_from_epoch"] == 2
+        train_rlr(features, method, tmp_path, _training(max_failures=0), data_key="stripes")
+    killer.join(timeout=5)
+    registered = _registered_checkpoints(run)
+    assert 2 <= registered < EPOCHS
+    caplog.set_level("INFO", logger="reconray")
+    fitted = train_rlr(features, method, tmp_path, _training(max_failures=0), data_key="stripes")
+    assert fitted.info["epoch"] == EPOCHS and fitted.info["resumed_from_epoch"] == registered
+    assert f"resuming run {run.name}" in caplog.text
+    other = _method(epochs=2, lr=1e-3)
+    assert run_name(other, "stripes") != run.name and run_name(method, "other data") != run.name
+    fresh = train_rlr(features, other, tmp_path, _training(max_failures=0), data_key="stripes")
+    assert fresh.info["resumed_from_epoch"] == 0 and fresh.info["epoch"] == 2
+    assert f"earlier runs in {tmp_path} used other options or data ({run.name})" in caplog.text
 
 
 def test_a_worker_holding_every_cpu_still_gets_its_features(features, tmp_path):
@@ -93,7 +121,7 @@ def test_a_worker_holding_every_cpu_still_gets_its_features(features, tmp_path):
     reach it (materialized first) instead of the run waiting forever on a stream that cannot start."""
     features.write_parquet(str(tmp_path / "cache"))
     streamed = ray.data.read_parquet(str(tmp_path / "cache"))
-    method = _method(epochs=2, num_workers=1, cpus_per_worker=2.0, max_failures=0)
-    fitted = train_rlr(streamed, method, tmp_path / "runs", name="all-cpus")
+    method = _method(epochs=2)
+    fitted = train_rlr(streamed, method, tmp_path / "runs", _training(cpus_per_worker=2.0, max_failures=0))
     assert fitted.info["epoch"] == 2
-    assert sorted(_checkpointed_losses(tmp_path / "runs", "all-cpus")) == [1, 2]
+    assert sorted(_checkpointed_losses(tmp_path / "runs" / run_name(method, ""))) == [1, 2]

@@ -15,6 +15,7 @@ from sklearn.neighbors import NearestNeighbors
 from reconray.methods import create_method, knn
 from reconray.methods import sgfr as sgfr_module
 from reconray.methods.artifact import ModelSpec, load_artifact, save_artifact
+from reconray.methods.errors import NotFittedError, OptionError
 from reconray.methods.sgfr import SGFR, elastic_net_codes, ridge_codes, self_expressive_codes, sparse_sample
 
 
@@ -139,8 +140,8 @@ def test_basis_size_follows_the_ratio_of_all_vectors_seen(sampling: str) -> None
 
     capped = create_method("sgfr", sampling=sampling, basis_ratio=0.1, k=4, max_basis=40)
     capped.fit_bank(candidates, total_vectors=512)
-    assert capped.bank_stats()[0] == 40 and capped.options["max_basis"] == 40
-    assert create_method("sgfr").options["max_basis"] == 0
+    assert capped.bank_stats()[0] == 40 and capped.options.max_basis == 40
+    assert create_method("sgfr").options.max_basis == 0
 
 
 def test_neighbours_an_ivf_search_could_not_find_are_left_out_of_the_reconstruction() -> None:
@@ -150,7 +151,7 @@ def test_neighbours_an_ivf_search_could_not_find_are_left_out_of_the_reconstruct
     queries = _subspaces(64, seed=12)[0]
     _, ids = knn.search(method.index, queries.numpy(), 16)
     assert (ids < 0).any(), "the test needs probed cells holding fewer than k vectors"
-    alpha = method.options["lam"] * float(method.basis.pow(2).sum(dim=1).mean()) / 2
+    alpha = method.options.lam * float(method.basis.pow(2).sum(dim=1).mean()) / 2
     expected = []
     for query, row in zip(queries.double().numpy(), ids, strict=True):
         basis = method.basis.double().numpy()[row[row >= 0]]
@@ -162,12 +163,18 @@ def test_neighbours_an_ivf_search_could_not_find_are_left_out_of_the_reconstruct
 
 
 def test_options_are_checked_with_the_allowed_range() -> None:
-    with pytest.raises(ValueError, match=r"sampling='greedy'.*sparse"):
+    with pytest.raises(OptionError, match=r"sgfr\.sampling='greedy': Input should be 'sparse', 'coreset' or 'random'"):
         create_method("sgfr", sampling="greedy")
-    with pytest.raises(ValueError, match=r"basis_ratio=1.5.*\(0, 1\]"):
+    with pytest.raises(OptionError, match=r"sgfr\.basis_ratio='1.5': Input should be less than or equal to 1"):
         create_method("sgfr", basis_ratio="1.5")
-    with pytest.raises(RuntimeError, match="not fitted"):
-        create_method("sgfr").score([torch.zeros(1, 4, 2, 2)])
+    with pytest.raises(OptionError, match=r"sgfr\.k='eight': Input should be a valid integer"):
+        create_method("sgfr", k="eight")
+    for action in ("score", "residual"):
+        with pytest.raises(NotFittedError, match=rf"sgfr is not fitted: {action}\(\)"):
+            method = create_method("sgfr")
+            method.score([torch.zeros(1, 4, 2, 2)]) if action == "score" else method.residual(torch.zeros(2, 4))
+    with pytest.raises(NotFittedError, match=r"sgfr is not fitted: state\(\)"):
+        create_method("sgfr").state()
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.5])

@@ -51,6 +51,7 @@ def _selected(pytester: pytest.Pytester, *args: str) -> list[str]:
 
 
 def test_ray_session_users_are_integration_and_the_rest_unit(generated: pytest.Pytester) -> None:
+    """Through `-m`, so the tiers must be assigned before pytest deselects."""
     generated.makepyfile(test_generated=GENERATED)
     assert _selected(generated, "-m", "unit", "test_generated.py") == ["test_plain"]
     assert _selected(generated, "-m", "integration", "test_generated.py") == [
@@ -58,6 +59,7 @@ def test_ray_session_users_are_integration_and_the_rest_unit(generated: pytest.P
 
 
 def test_contradicting_or_unknown_tiers_are_collection_errors(generated: pytest.Pytester) -> None:
+    """A contradiction or a typo stops the run instead of leaving a test in the wrong tier, or in none."""
     generated.makepyfile(test_typo="""
         import pytest
 
@@ -115,6 +117,6 @@ def test_a_unit_test_that_starts_ray_fails(generated: pytest.Pytester) -> None:
         def test_plain():
             pass
     """)
-    result = generated.runpytest_marked("-p", "no:cacheprovider", "test_generated.py")
+    result = generated.runpytest_subprocess("-p", "no:cacheprovider", "test_generated.py")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["test_generated.py::test_starts_ray is a unit test but started Ray*"])
