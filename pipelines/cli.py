@@ -99,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, type=Path)
     predict.add_argument("--out", required=True, type=Path)
     predict.add_argument("--threshold", type=float, help="override the model's calibrated threshold")
-    predict.add_argument("images", nargs="+", help="image files, folders of images or glob patterns")
+    predict.add_argument("images", nargs="+", help="image files, folders (the images directly in them, sorted) or glob "
+                         "patterns (quote them; ** recurses); each image is scored once")
 
     serve = commands.add_parser("serve", parents=[common],
                                 help="online scoring over HTTP with Ray Serve (blocks until Ctrl-C)")

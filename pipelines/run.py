@@ -55,7 +55,7 @@ def run_default(
     data = make_synthetic_dataset(out_dir / "data", synthetic)
     logger.info("synthetic dataset ready: %s (%d categories)", data, len(synthetic.categories))
     ensure_ray()
-    results, heatmaps, fits = {}, {}, {}
+    results, heatmaps, scores, fits = {}, {}, {}, {}
     work = out_dir / "work"
     for method, options in (method_options or RUN_OPTIONS).items():
         fitted = fit_model(data, method, out_dir / "models" / method, image_size=synthetic.image_size,
@@ -65,12 +65,14 @@ def run_default(
             category: [{**entry, "path": f"evaluation/{method}/{entry['path']}"} for entry in entries]
             for category, entries in metrics.pop("heatmaps").items()
         }
+        scores[method] = metrics.pop("scores")  # per image, already in evaluation/<method>/scores.json
         results[method] = metrics
         fits[method] = {"model": str(fitted.model_dir), "options": options, "threshold": fitted.threshold,
                         "fit_s": fitted.fit_s}
     write_json(out_dir / "metrics.json", {"dataset": str(data), "methods": results, "models": fits,
                                            "wall_s": time.perf_counter() - started})
-    report = comparison_report(results, heatmaps, "reconray run: synthetic dataset, all methods side by side")
+    report = comparison_report(results, heatmaps, "reconray run: synthetic dataset, all methods side by side", out_dir,
+                               scores)
     (out_dir / "report.md").write_text(report)
     rows = [[method, *(results[method]["mean"][name] for name in SUMMARY_METRICS), fits[method]["fit_s"]]
             for method in results]

@@ -62,7 +62,7 @@ def model_spec() -> ModelSpec:
 @pytest.fixture(scope="session")
 def extractor() -> FeatureExtractor:
     """The default frozen backbone, built once: loading its weights is the slow part of every in-process test."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # two threads on two shared cores ran up to 5x slower when the machine was busy
     return FeatureExtractor().eval()
 
 

@@ -26,6 +26,7 @@ from reconray.methods.metrics import METRIC_NAMES
 from reconray.pipelines import run
 from reconray.pipelines.cli import main
 from reconray.pipelines.report import FIGURE_GAP, FIGURE_MIN_PANEL
+from reconray.pipelines.synthetic import SyntheticConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["fabric", "nut"]
@@ -53,6 +54,12 @@ def _write_csv(path: Path, rows: list[tuple[str, str, str, Path, Path | None]]) 
     return path
 
 
+def _only_the_log(out: Path) -> bool:
+    """A refused command leaves nothing in its output folder but its log, which names the problem."""
+    names = sorted(path.name for path in out.iterdir())
+    return names == ["reconray.log"] and "error" in (out / "reconray.log").read_text()
+
+
 # --- end to end ----------------------------------------------------------------------------------------------------
 
 
@@ -76,14 +83,17 @@ def cli_model(ray_session, synthetic_root: Path, tmp_path_factory: pytest.TempPa
 
 def test_fit_writes_an_artifact_for_the_chosen_categories(cli_model: Path) -> None:
     config = read_config(cli_model)
-    assert config["categories"] == CATEGORIES and config["image_size"] == 64
-    assert config["options"]["coreset_ratio"] == 0.5
+    assert config.categories == CATEGORIES and config.spec.image_size == 64
+    assert config.options["coreset_ratio"] == 0.5
     # 10 training images per category, 1 held out for the threshold: 18 images x 8x8 patches, half of them kept.
-    assert config["info"]["n_fit"] == 18 and config["info"]["n_calibration"] == 2
-    assert config["method_info"]["bank_vectors"] == 18 * 64 // 2
-    assert isinstance(config["threshold"], float) and config["threshold"] > 0
-    (skipped,) = config["info"]["skipped"]
+    assert config.fit.n_fit == 18 and config.fit.n_calibration == 2
+    assert config.bank_vectors == 18 * 64 // 2
+    assert isinstance(config.threshold, float) and config.threshold > 0
+    (skipped,) = config.fit.skipped
     assert skipped["image"].endswith("/nut/train/good/999.png") and skipped["problem"].startswith("unreadable image")
+    # Training byproducts and the log live beside the artifact, never in it.
+    assert sorted(path.name for path in cli_model.iterdir()) == ["bank.faiss", "config.json"]
+    assert (cli_model.parent / "model-work" / "reconray.log").is_file()
 
 
 def test_evaluate_writes_metrics_report_and_heatmaps(
@@ -92,8 +102,9 @@ def test_evaluate_writes_metrics_report_and_heatmaps(
     code, out, err = _cli(capsys, "evaluate", "--model", cli_model, "--data", synthetic_root, "--out", tmp_path,
                           "--categories", ",".join(CATEGORIES))
     assert code == 0, err
-    assert "[reconray] mean: image_auroc=" in out
+    summary = re.search(r"^mean +(0\.\d{3}) +(0\.\d{3})", err, re.MULTILINE)  # the console's summary table
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary and float(summary[1]) == round(metrics["mean"]["image_auroc"], 3)
     assert {"method", "backbone", "categories", "mean", "timing"} <= set(metrics)
     assert (metrics["method"], metrics["backbone"]) == ("patchcore", "tf_efficientnet_lite0")
     assert sorted(metrics["categories"]) == CATEGORIES
@@ -140,7 +151,7 @@ def test_predict_writes_predictions_and_overlays(
         assert entry["threshold"] == threshold and entry["is_anomalous"] == (entry["score"] > threshold)
         with Image.open(entry["heatmap"]) as heatmap:  # input | overlay: predict has no masks
             assert heatmap.format == "PNG" and heatmap.width == _figure_width(2)
-        assert f"{entry['image']}: score {entry['score']:.4f}" in out
+        assert re.search(rf"^{re.escape(entry['image'])} +{entry['score']:.3f} ", err, re.MULTILINE)
     reference = load_artifact(cli_model).scorer()(pixels(images)).image_scores.numpy()
     np.testing.assert_allclose([entry["score"] for entry in predictions], reference, rtol=1e-5)
 
@@ -158,7 +169,7 @@ def test_skipped_image_is_listed_in_the_report(
     ])
     code, _, err = _cli(capsys, "evaluate", "--model", cli_model, "--data", table, "--out", tmp_path / "strict")
     assert code == 2 and f"{broken}: unreadable image" in err
-    assert not (tmp_path / "strict").exists()
+    assert _only_the_log(tmp_path / "strict")
     code, _, err = _cli(capsys, "evaluate", "--model", cli_model, "--data", table, "--out", tmp_path / "eval",
                         "--on-bad-image", "skip")
     assert code == 0, err
@@ -221,7 +232,7 @@ def test_evaluate_refuses_bad_input(
     code, _, err = _cli(capsys, "evaluate", "--model", fitted_model, "--data", data, "--out", tmp_path / "eval")
     assert code == 2
     assert err.startswith("reconray evaluate: error: ") and message in err
-    assert not (tmp_path / "eval").exists()
+    assert _only_the_log(tmp_path / "eval")
 
 
 def test_predict_and_model_errors(fitted_model: Path, files, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -250,17 +261,66 @@ def test_console_process_exits_non_zero_with_the_error_on_stderr(tmp_path: Path)
         [sys.executable, "-m", "reconray.pipelines.cli", "fit", "--data", str(empty), "--method", "patchcore", "--out",
          str(tmp_path / "model")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
     )
     assert result.returncode == 2
     assert f"reconray fit: error: {empty}: unknown layout" in result.stderr
 
 
-def test_run_command_passes_its_out_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    calls = []
-    monkeypatch.setattr(run, "run_default", calls.append)
-    assert main(["run", "--out", str(tmp_path / "run")]) == 0
-    assert calls == [tmp_path / "run"]
+@pytest.mark.integration  # starts reconray in a subprocess, as a user's terminal would
+def test_the_console_shows_reconray_lines_and_ray_output_goes_to_the_log(synthetic_root: Path, tmp_path: Path) -> None:
+    command = [str(Path(sys.executable).with_name("reconray")), "fit", "--data", str(synthetic_root), "--method",
+               "patchcore", "--out", str(tmp_path / "model"), "--categories", "nut", "--image-size", "64"]
+    quiet = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    lines = [line for line in quiet.stderr.splitlines() if line.strip()]
+    assert lines[0] == "started a local Ray with 2 CPUs" or lines[0].startswith("started a local Ray")
+    assert any(line.startswith("fit patchcore: done in") for line in lines)
+    assert len(lines) <= 8 and not quiet.stdout.strip()
+    for noise in ("INFO", "WARNING", "streaming_executor", "core_worker", "(raylet)", "pid="):
+        assert noise not in quiet.stderr, f"{noise!r} reached the console:\n{quiet.stderr}"
+    log = (tmp_path / "model-work" / "reconray.log").read_text()
+    assert "streaming_executor" in log and "fit patchcore: done in" in log
+    verbose = subprocess.run([*command, "--verbose", "--out", str(tmp_path / "again")], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == 0 and "streaming_executor" in verbose.stderr
+
+
+def test_a_bug_keeps_its_traceback_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("a bug, not a user error")
+
+    monkeypatch.setattr(run, "run_default", broken)
+    code, _, err = _cli(capsys, "run", "--out", tmp_path / "run")
+    assert code == 1
+    assert "internal error" in err and "Traceback" in err and "ZeroDivisionError: a bug, not a user error" in err
+    assert "ZeroDivisionError" in (tmp_path / "run" / "reconray.log").read_text()
+
+
+def test_run_default_compares_every_method_on_a_tiny_synthetic_set(ray_session, tmp_path: Path, caplog) -> None:
+    """The main job for real at 64 px: data, three fits, three evaluations, one report with ROC plots, a summary."""
+    caplog.set_level("INFO", logger="reconray")
+    synthetic = SyntheticConfig(image_size=64, n_train=10, n_test_good=4, n_test_defect=4, categories=("nut", "fabric"))
+    options = {"patchcore": {"coreset_ratio": 0.5}, "sgfr": {},
+               "rlr": {"epochs": 1, "d_model": 8, "heads": 2, "layers": 1, "lr": 1e-3}}
+    out = run.run_default(tmp_path / "run", synthetic, method_options=options)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(metrics["methods"]) == ["patchcore", "rlr", "sgfr"]
+    # The baseline finds the painted defects even at this size (8 test images per category: no finer claim).
+    assert metrics["methods"]["patchcore"]["mean"]["image_auroc"] > 0.6, metrics["methods"]["patchcore"]["mean"]
+    for method in ("patchcore", "sgfr"):
+        expected = {"patchcore": ["bank.faiss", "config.json"],
+                    "sgfr": ["basis.faiss", "config.json", "tensors.safetensors"]}[method]
+        assert sorted(path.name for path in (out / "models" / method).iterdir()) == expected
+    report = (out / "report.md").read_text()
+    for method in ("patchcore", "sgfr", "rlr"):
+        assert f"| {method} |" in report
+    plots = re.findall(r"!\[[^]]*\]\((plots/roc_[^)]+\.png)\)", report)
+    assert sorted(plots) == ["plots/roc_fabric.png", "plots/roc_nut.png"]
+    assert all((out / plot).is_file() for plot in plots)
+    assert re.search(r"^method +image_auroc +pixel_auroc +aupro +fit_s$", caplog.text, re.MULTILINE)
+    assert (out / "work" / "cache").is_dir() and not (out / "models" / "rlr" / "cache").exists()
 
 
 # --- RAY_ADDRESS ---------------------------------------------------------------------------------------------------

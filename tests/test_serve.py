@@ -26,7 +26,8 @@ from reconray.methods.backbone import DEFAULT_BACKBONE
 from reconray.pipelines.cli import main
 from reconray.pipelines.evaluate import predict_images
 from reconray.pipelines.ingest import Resources
-from reconray.pipelines.serve import APP_NAME, DEFAULT_MAX_BYTES, GPU_BATCH_SIZE, ServeOptions, build_app
+from reconray.pipelines.serve import APP_NAME, build_app
+from reconray.pipelines.serve_options import DEFAULT_MAX_BYTES, GPU_BATCH_SIZE, ServeOptions
 
 REPLICA_CPUS = 0.5
 
