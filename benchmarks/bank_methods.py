@@ -26,7 +26,7 @@ from reconray.methods.artifact import ModelSpec
 from reconray.methods.backbone import FeatureExtractor, backbone_normalization
 from reconray.methods.metrics import compute_metrics, mean_metrics
 from reconray.methods.scoring import anomaly_map, image_scores
-from reconray.pipelines.datasets import discover, load_mask, load_rgb, split_samples, validate
+from reconray.pipelines.datasets import decode_rgb, discover, load_mask, split_samples, validate
 from reconray.pipelines.fit import calibration_split
 from reconray.pipelines.ingest import preprocess, preprocess_mask
 from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
@@ -41,7 +41,7 @@ def extract(extractor: FeatureExtractor, spec: ModelSpec, samples: list, masks: 
     batches, mask_batches, image_batches, seconds = [], [], [], 0.0
     for start in range(0, len(samples), BATCH):
         chunk = samples[start : start + BATCH]
-        images = torch.stack([preprocess(load_rgb(sample.image), spec) for sample in chunk])
+        images = torch.stack([preprocess(decode_rgb(sample.image), spec) for sample in chunk])
         with torch.inference_mode():
             if images.shape not in warm_shapes:  # oneDNN builds kernels per input shape on the first call
                 extractor(images)

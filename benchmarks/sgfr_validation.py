@@ -39,7 +39,7 @@ from reconray.methods.backbone import FeatureExtractor, backbone_normalization  
 from reconray.methods.base import resolve_options  # noqa: E402
 from reconray.methods.metrics import mean_metrics  # noqa: E402
 from reconray.methods.sgfr import SGFR  # noqa: E402
-from reconray.pipelines.datasets import Sample, discover, load_rgb, split_samples, validate  # noqa: E402
+from reconray.pipelines.datasets import Sample, decode_rgb, discover, split_samples, validate  # noqa: E402
 from reconray.pipelines.fit import calibration_split  # noqa: E402
 from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset  # noqa: E402
 
@@ -99,7 +99,7 @@ def mtd_validation_split(folder: Path, n_validation: int) -> tuple[list[Sample],
             validation.append(Sample(sample.image, sample.category, "test", 0))
             continue
         kind = DEFECT_PAINTERS[(position // 2) % len(DEFECT_PAINTERS)]
-        painted, mask = paint_defect(load_rgb(sample.image), kind, rng)
+        painted, mask = paint_defect(decode_rgb(sample.image), kind, rng)
         stem = folder / f"{Path(sample.image).stem}_{kind}"
         Image.fromarray(painted).save(f"{stem}.png")
         Image.fromarray(mask.astype(np.uint8) * 255).save(f"{stem}_mask.png")

@@ -176,13 +176,6 @@ class SGFR(BankMethod):
         scores = [self._residual_norm(chunk, chunk_ids) for chunk, chunk_ids in chunks]
         return torch.cat(scores).reshape(batch, height, width).to(features[0].device)
 
-    def residual(self, targets: torch.Tensor) -> torch.Tensor:
-        """Returns the reconstruction residual `y - ŷ` `(N, D)` of patch vectors `(N, D)` (the per-dimension signal)."""
-        check_fitted(self.name, self.basis is not None, "residual()")
-        targets = targets.float().to(self.basis.device)
-        chunks = zip(targets.split(_SCORE_CHUNK), self._neighbour_ids(targets).split(_SCORE_CHUNK), strict=True)
-        return torch.cat([self._residual(chunk, chunk_ids) for chunk, chunk_ids in chunks])
-
     def state(self) -> MethodState:
         check_fitted(self.name, self.basis is not None, "state()")
         return MethodState(
@@ -227,10 +220,6 @@ class SGFR(BankMethod):
         _, ids = knn.search(self.index, targets.cpu().numpy(), self.options.k)
         return torch.from_numpy(ids).to(self.basis.device)
 
-    def _residual(self, targets: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        codes, neighbours, _, _ = self._reconstruction(targets, ids)
-        return targets - torch.bmm(codes.unsqueeze(1), neighbours).squeeze(1)
-
     def _residual_norm(self, targets: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """||y - cB|| from the normal equations, without forming ŷ: the same value as the residual's norm up to float
         rounding (relative 1e-5).
@@ -238,7 +227,7 @@ class SGFR(BankMethod):
         ||y - cB||² = ||y||² - 2cᵀh + cᵀGc in general; the ridge codes solve (G + αI)c = h, so cᵀGc = cᵀh - α||c||²
         and the norm needs no product with G at all: ||y||² - cᵀh - α||c||².
         """
-        codes, _, gram, rhs = self._reconstruction(targets, ids)
+        codes, gram, rhs = self._reconstruction(targets, ids)
         if self.options.tau == 0:
             alpha = self.options.lam * self._ridge_scale / 2
             squared = targets.pow(2).sum(dim=1) - (codes * rhs).sum(dim=1) - alpha * codes.pow(2).sum(dim=1)
@@ -248,7 +237,7 @@ class SGFR(BankMethod):
         return squared.clamp_min(0.0).sqrt()
 
     def _reconstruction(self, targets: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Codes `(N, k)` of each target over its retrieved basis vectors `(N, k, D)`, with their G and h."""
+        """Codes `(N, k)` of each target over its retrieved basis vectors, with their G and h."""
         neighbours = self.basis[ids.clamp_min(0)]
         # An IVF search that finds fewer than k vectors in its probed cells pads with id -1: those neighbours become
         # zero vectors, which the solve gives a zero coefficient, so the patch is reconstructed from what was found.
@@ -257,7 +246,7 @@ class SGFR(BankMethod):
             neighbours.masked_fill_(missing.unsqueeze(2), 0.0)
         gram, rhs = normal_equations(neighbours, targets)
         lam, tau, iterations = self.options.lam * self._ridge_scale, self.options.tau, self.options.iterations
-        return solve_codes(gram, rhs, lam, tau, iterations), neighbours, gram, rhs
+        return solve_codes(gram, rhs, lam, tau, iterations), gram, rhs
 
     def _select(self, vectors: torch.Tensor, n_keep: int, seed: int) -> torch.Tensor:
         sampling = self.options.sampling

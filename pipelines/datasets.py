@@ -67,7 +67,7 @@ def layout_of(path: Path) -> str:
     category_dirs = [child for child in _subdirs(path) if (child / "train").is_dir()]
     if category_dirs:
         return "mvtec3d" if any((child / "train" / NORMAL / "rgb").is_dir() for child in category_dirs) else "mvtec"
-    if _images_in(path):
+    if images_in(path):
         return "folder"
     raise DatasetError(
         f"{path}: unknown layout; expected an MVTec AD / MVTec 3D-AD root or category folder, a VisA-style split "
@@ -80,7 +80,7 @@ def _discover_layout(path: Path) -> list[Sample]:
     if layout == "csv":
         return _from_csv(path)
     if layout == "folder":
-        return [Sample(str(image), path.name, "train", 0) for image in _images_in(path)]
+        return [Sample(str(image), path.name, "train", 0) for image in images_in(path)]
     rgb = layout.startswith("mvtec3d")
     if layout.endswith("category"):
         return _from_mvtec_category(path, rgb)
@@ -96,10 +96,10 @@ def _from_mvtec_category(folder: Path, rgb: bool) -> list[Sample]:
     """MVTec AD (`rgb=False`) or MVTec 3D-AD (`rgb=True`) category folder."""
     category = folder.name
     leaf = "rgb" if rgb else ""
-    samples = [Sample(str(image), category, "train", 0) for image in _images_in(folder / "train" / NORMAL / leaf)]
+    samples = [Sample(str(image), category, "train", 0) for image in images_in(folder / "train" / NORMAL / leaf)]
     for defect_dir in _subdirs(folder / "test"):
         defect = defect_dir.name
-        for image in _images_in(defect_dir / leaf):
+        for image in images_in(defect_dir / leaf):
             if defect == NORMAL:
                 samples.append(Sample(str(image), category, "test", 0))
                 continue
@@ -159,7 +159,8 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(child for child in folder.iterdir() if child.is_dir()) if folder.is_dir() else []
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
+    """The image files directly in `folder` (by suffix), sorted; none when it is not a folder."""
     if not folder.is_dir():
         return []
     return sorted(child for child in folder.iterdir() if child.suffix.lower() in IMAGE_SUFFIXES and child.is_file())
@@ -212,7 +213,7 @@ def validate(samples: Sequence[Sample], on_bad_image: str = "error", workers: in
 def _problem_of(sample: Sample) -> tuple[str, str, bool] | None:
     """Returns (file, problem, is_mask_problem) for a bad sample, None for a good one."""
     try:
-        size = load_rgb(sample.image).shape[:2]
+        size = decode_rgb(sample.image).shape[:2]
     except (OSError, ValueError) as error:
         return sample.image, f"unreadable image ({error})", False
     if sample.label == 1 and sample.split == "test":
@@ -229,11 +230,6 @@ def _problem_of(sample: Sample) -> tuple[str, str, bool] | None:
 
 class ImageTooLargeError(ValueError):
     """An image whose header declares more pixels a side than the caller accepts; raised before any pixel decodes."""
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Decodes an image file to `(H, W, 3)` uint8 RGB by the rules of `decode_rgb`."""
-    return decode_rgb(path)
 
 
 def decode_rgb(source: bytes | str | Path, max_side: int | None = None) -> np.ndarray:

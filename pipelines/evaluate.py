@@ -21,8 +21,9 @@ from reconray.methods.artifact import read_config
 from reconray.methods.errors import DatasetError
 from reconray.methods.metrics import compute_metrics, mean_metrics
 from reconray.methods.scoring import is_anomalous
-from reconray.pipelines.datasets import IMAGE_SUFFIXES, Sample, _images_in, discover, load_rgb, split_samples, validate
-from reconray.pipelines.ingest import Resources, log_every, plan_resources, progress, score_dataset
+from reconray.pipelines.console import stage
+from reconray.pipelines.datasets import IMAGE_SUFFIXES, Sample, decode_rgb, discover, images_in, split_samples, validate
+from reconray.pipelines.ingest import Resources, plan_resources, score_dataset
 from reconray.pipelines.report import method_report, render_figure, safe_name, with_parent, write_json
 from reconray.pipelines.runtime import ensure_ray
 
@@ -71,22 +72,14 @@ def evaluate_model(
     resources = resources or plan_resources()
     out_dir = Path(out_dir)
     per_category: dict[str, _CategoryScores] = defaultdict(_CategoryScores)
-    extract_ms, score_ms, done = [], [], 0
+    extract_ms, score_ms = [], []
     scored = score_dataset(str(model_dir), validation.samples, resources, masks=True)
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        for row in range(len(batch["image"])):
-            scores = per_category[batch["category"][row]]
-            scores.images.append(str(batch["image"][row]))
-            scores.labels.append(int(batch["label"][row]))
-            scores.scores.append(float(batch["image_score"][row]))
-            scores.maps.append(batch["anomaly_map"][row])
-            scores.masks.append(batch["gt_mask"][row].astype(bool))
-            scores.has_mask.append(bool(batch["mask"][row]))
-        extract_ms += list(batch["extract_ms"])
-        score_ms += list(batch["score_ms"])
-        done += len(batch["image"])
-        if done % log_every(len(validation.samples)) < len(batch["image"]) or done == len(validation.samples):
-            progress(f"evaluate {config.method}", done, len(validation.samples))
+    with stage(f"evaluate {config.method}", total=len(validation.samples)) as advance:
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            _collect(batch, per_category)
+            extract_ms += list(batch["extract_ms"])
+            score_ms += list(batch["score_ms"])
+            advance(len(batch["image"]))
 
     category_metrics, heatmaps, image_scores = {}, {}, {}
     for category, scores in sorted(per_category.items()):
@@ -120,6 +113,18 @@ def evaluate_model(
     return metrics | {"heatmaps": heatmaps, "scores": image_scores}
 
 
+def _collect(batch: dict[str, np.ndarray], per_category: dict[str, _CategoryScores]) -> None:
+    """Files one scored batch's rows under their categories."""
+    for row in range(len(batch["image"])):
+        scores = per_category[batch["category"][row]]
+        scores.images.append(str(batch["image"][row]))
+        scores.labels.append(int(batch["label"][row]))
+        scores.scores.append(float(batch["image_score"][row]))
+        scores.maps.append(batch["anomaly_map"][row])
+        scores.masks.append(batch["gt_mask"][row].astype(bool))
+        scores.has_mask.append(bool(batch["mask"][row]))
+
+
 def _write_heatmaps(out_dir: Path, category: str, scores: _CategoryScores, threshold: float | None) -> list[dict]:
     """Figures of the `HEATMAPS_PER_END` highest and lowest scored images, each with its mask and true label."""
     order = np.argsort(scores.scores)
@@ -129,7 +134,7 @@ def _write_heatmaps(out_dir: Path, category: str, scores: _CategoryScores, thres
     for rank, index in enumerate(picks):
         relative = Path("heatmaps") / safe_name(category) / f"{rank:02d}_{Path(scores.images[index]).stem}.png"
         render_figure(
-            load_rgb(scores.images[index]), scores.maps[index], scores.scores[index], threshold,
+            decode_rgb(scores.images[index]), scores.maps[index], scores.scores[index], threshold,
             mask=scores.masks[index] if scores.has_mask[index] else None, label=scores.labels[index],
         ).save(with_parent(out_dir / relative))
         label = "anomalous" if scores.labels[index] else "normal"
@@ -162,7 +167,7 @@ def predict_images(
             image, anomaly_map = str(batch["image"][row]), batch["anomaly_map"][row]
             score = float(batch["image_score"][row])
             heatmap = with_parent(out_dir / "heatmaps" / f"{position[image]:04d}_{Path(image).stem}.png")
-            render_figure(load_rgb(image), anomaly_map, score, threshold).save(heatmap)
+            render_figure(decode_rgb(image), anomaly_map, score, threshold).save(heatmap)
             by_image[image] = {
                 "image": image,
                 "score": score,
@@ -199,7 +204,7 @@ def _images_named(argument: str) -> list[Path]:
     path = Path(argument).expanduser()
     suffixes = ", ".join(IMAGE_SUFFIXES)
     if path.is_dir():
-        in_folder = _images_in(path)
+        in_folder = images_in(path)
         if not in_folder:
             raise DatasetError(f"{path}: folder holds no image files (suffixes {suffixes})")
         return in_folder

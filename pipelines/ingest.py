@@ -9,7 +9,6 @@ raw image set.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ from ray.data import ActorPoolStrategy
 
 from reconray.methods.artifact import ModelSpec, load_artifact, read_config
 from reconray.methods.device import pick_device
-from reconray.pipelines.datasets import Sample, load_mask, load_rgb
+from reconray.pipelines.datasets import Sample, decode_rgb, load_mask
 
 LEVEL_COLUMN = "level_{}"
 """Feature rows hold one column per backbone level, finest first: `level_0`, `level_1`, ... each `(C, h, w)` float32."""
@@ -120,7 +119,7 @@ def _decode_batch(batch: dict[str, np.ndarray], spec: ModelSpec, masks: bool) ->
     images = []
     for path in batch["image"]:
         try:
-            images.append(preprocess(load_rgb(path), spec).numpy())
+            images.append(preprocess(decode_rgb(path), spec).numpy())
         except (OSError, ValueError) as error:
             raise ValueError(f"{path}: cannot decode image ({error})") from error
     batch["pixels"] = np.stack(images)
@@ -191,14 +190,3 @@ def level_tensors(batch: dict[str, np.ndarray]) -> list[torch.Tensor]:
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor over a Ray Data column; read-only (zero-copy) arrays are copied once, since torch needs writable."""
     return torch.from_numpy(np.require(array, requirements=["W", "C"]))
-
-
-def progress(stage: str, done: int, total: int) -> None:
-    """One progress line per stage step, with counts (Ray Data's own bars show operator throughput)."""
-    width = len(str(total))
-    print(f"[reconray] {stage}: {done:>{width}}/{total} images ({100.0 * done / max(total, 1):.0f}%)", flush=True)
-
-
-def log_every(total: int) -> int:
-    """Progress granularity: about ten lines per stage."""
-    return max(1, math.ceil(total / 10))

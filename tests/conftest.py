@@ -23,7 +23,7 @@ from PIL import Image
 from reconray.methods import create_method
 from reconray.methods.artifact import ModelSpec, save_artifact
 from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_LEVELS, FeatureExtractor, backbone_normalization
-from reconray.pipelines.datasets import load_rgb
+from reconray.pipelines.datasets import decode_rgb
 from reconray.pipelines.ingest import preprocess
 from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
@@ -69,7 +69,7 @@ def extractor() -> FeatureExtractor:
 @pytest.fixture(scope="session")
 def pixels(model_spec: ModelSpec) -> Callable[[Sequence[str | Path]], torch.Tensor]:
     """Decodes and normalizes image files exactly as the Ray ingest does, in-process: `(B, 3, 64, 64)`."""
-    return lambda paths: torch.stack([preprocess(load_rgb(path), model_spec) for path in paths])
+    return lambda paths: torch.stack([preprocess(decode_rgb(path), model_spec) for path in paths])
 
 
 @pytest.fixture(scope="session")

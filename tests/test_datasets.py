@@ -14,10 +14,10 @@ from reconray.pipelines.datasets import (
     NORMAL,
     DatasetError,
     Sample,
+    decode_rgb,
     discover,
     layout_of,
     load_mask,
-    load_rgb,
     split_samples,
     validate,
 )
@@ -245,20 +245,20 @@ def _saved(tmp_path: Path, image: Image.Image, name: str) -> Path:
 
 def test_grayscale_is_replicated(tmp_path: Path) -> None:
     gray = np.array([[0, 77], [200, 255]], dtype=np.uint8)
-    rgb = load_rgb(_saved(tmp_path, Image.fromarray(gray), "gray.png"))
+    rgb = decode_rgb(_saved(tmp_path, Image.fromarray(gray), "gray.png"))
     assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
     assert np.array_equal(rgb, np.repeat(gray[..., None], 3, axis=2))
 
 
 def test_rgba_is_composited_on_black(tmp_path: Path) -> None:
     rgba = np.array([[[200, 100, 50, 255], [200, 100, 50, 128]], [[10, 250, 90, 0], [255, 255, 255, 64]]], np.uint8)
-    rgb = load_rgb(_saved(tmp_path, Image.fromarray(rgba), "rgba.png"))
+    rgb = decode_rgb(_saved(tmp_path, Image.fromarray(rgba), "rgba.png"))
     assert rgb.tolist() == [[[200, 100, 50], [100, 50, 25]], [[0, 0, 0], [64, 64, 64]]]
 
 
 def test_gray_alpha_is_composited_on_black(tmp_path: Path) -> None:
     la = Image.fromarray(np.array([[[100, 255], [100, 128]]], dtype=np.uint8))
-    assert load_rgb(_saved(tmp_path, la, "la.png")).tolist() == [[[100] * 3, [50] * 3]]
+    assert decode_rgb(_saved(tmp_path, la, "la.png")).tolist() == [[[100] * 3, [50] * 3]]
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
@@ -266,7 +266,7 @@ def test_16_bit_is_scaled_not_clipped(tmp_path: Path, suffix: str) -> None:
     values = np.array([[0, 256, 32768, 65535]], dtype=np.uint16)
     path = _saved(tmp_path, Image.fromarray(values), f"deep{suffix}")
     assert Image.open(path).mode.startswith("I;16")
-    rgb = load_rgb(path)
+    rgb = decode_rgb(path)
     assert rgb.dtype == np.uint8
     assert np.array_equal(rgb[..., 0], rgb[..., 2])
     assert rgb[0, :, 0].tolist() == [0, 1, 128, 255]
@@ -274,24 +274,24 @@ def test_16_bit_is_scaled_not_clipped(tmp_path: Path, suffix: str) -> None:
 
 def test_float_image_in_unit_range_is_scaled(tmp_path: Path) -> None:
     values = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
-    assert load_rgb(_saved(tmp_path, Image.fromarray(values), "float.tif"))[0, :, 1].tolist() == [0, 128, 255]
+    assert decode_rgb(_saved(tmp_path, Image.fromarray(values), "float.tif"))[0, :, 1].tolist() == [0, 128, 255]
 
 
 def test_palette_colours_are_expanded(tmp_path: Path) -> None:
     palette = Image.new("P", (3, 1))
     palette.putpalette([255, 0, 0, 0, 128, 0, 10, 20, 30] + [0] * 759)
     palette.putdata([0, 1, 2])
-    assert load_rgb(_saved(tmp_path, palette, "palette.png")).tolist() == [[[255, 0, 0], [0, 128, 0], [10, 20, 30]]]
+    assert decode_rgb(_saved(tmp_path, palette, "palette.png")).tolist() == [[[255, 0, 0], [0, 128, 0], [10, 20, 30]]]
     palette.info["transparency"] = 1
-    assert load_rgb(_saved(tmp_path, palette, "transparent.png")).tolist() == [[[255, 0, 0], [0, 0, 0], [10, 20, 30]]]
+    assert decode_rgb(_saved(tmp_path, palette, "transparent.png")).tolist() == [[[255, 0, 0], [0, 0, 0], [10, 20, 30]]]
 
 
 def test_rgb_jpeg_and_bilevel(tmp_path: Path) -> None:
     pixels = np.full((8, 8, 3), (200, 40, 90), dtype=np.uint8)
-    decoded = load_rgb(_saved(tmp_path, Image.fromarray(pixels), "photo.jpg"))
+    decoded = decode_rgb(_saved(tmp_path, Image.fromarray(pixels), "photo.jpg"))
     assert decoded.shape == (8, 8, 3) and np.abs(decoded.astype(int) - pixels).max() <= 3
     bilevel = Image.fromarray(np.array([[0, 255]], dtype=np.uint8)).convert("1")
-    assert load_rgb(_saved(tmp_path, bilevel, "bilevel.png")).tolist() == [[[0] * 3, [255] * 3]]
+    assert decode_rgb(_saved(tmp_path, bilevel, "bilevel.png")).tolist() == [[[0] * 3, [255] * 3]]
 
 
 @pytest.mark.parametrize(

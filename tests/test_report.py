@@ -16,7 +16,7 @@ from PIL import Image
 
 from reconray.methods.errors import DatasetError
 from reconray.pipelines import evaluate
-from reconray.pipelines.datasets import load_mask, load_rgb
+from reconray.pipelines.datasets import decode_rgb, load_mask
 from reconray.pipelines.evaluate import evaluate_model, expand_images, predict_images
 from reconray.pipelines.report import (
     CONTOUR_COLOUR,
@@ -40,7 +40,7 @@ PANEL = SIDE * ZOOM
 @pytest.fixture(scope="module")
 def defective(synthetic_root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A real defective synthetic image, its ground-truth mask and a map that is high on the defect."""
-    rgb = load_rgb(synthetic_root / "nut" / "test" / "hole" / "000.png")
+    rgb = decode_rgb(synthetic_root / "nut" / "test" / "hole" / "000.png")
     mask = load_mask(synthetic_root / "nut" / "ground_truth" / "hole" / "000_mask.png")
     anomaly_map = np.random.default_rng(0).random((SIDE, SIDE)).astype(np.float32) + 2.0 * mask
     return rgb, mask, anomaly_map

@@ -169,10 +169,8 @@ def test_options_are_checked_with_the_allowed_range() -> None:
         create_method("sgfr", basis_ratio="1.5")
     with pytest.raises(OptionError, match=r"sgfr\.k='eight': Input should be a valid integer"):
         create_method("sgfr", k="eight")
-    for action in ("score", "residual"):
-        with pytest.raises(NotFittedError, match=rf"sgfr is not fitted: {action}\(\)"):
-            method = create_method("sgfr")
-            method.score([torch.zeros(1, 4, 2, 2)]) if action == "score" else method.residual(torch.zeros(2, 4))
+    with pytest.raises(NotFittedError, match=r"sgfr is not fitted: score\(\)"):
+        create_method("sgfr").score([torch.zeros(1, 4, 2, 2)])
     with pytest.raises(NotFittedError, match=r"sgfr is not fitted: state\(\)"):
         create_method("sgfr").state()
 
@@ -190,7 +188,6 @@ def test_artifact_round_trip_gives_identical_scores(tmp_path, tau: float) -> Non
     assert torch.equal(restored.basis, method.basis)
     assert restored.bank_stats() == method.bank_stats()
     assert torch.equal(restored.score(queries), method.score(queries))
-    torch.testing.assert_close(method.residual(method.embed(queries)).norm(dim=1), method.score(queries).reshape(-1))
 
 
 def test_auto_index_is_ivf_from_its_own_threshold_and_scores_like_exact_search() -> None:
