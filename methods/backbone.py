@@ -32,9 +32,8 @@ DEFAULT_LEVELS = (2, 3)
 DEFAULT_IMAGE_SIZE = 256
 
 CPU_PASS_PIXELS = 4 * 256 * 256
-"""Input pixels per backbone pass on CPU (4 images at 256 px). Measured with tf_efficientnet_lite0 at 256 px on a
-2-core Xeon: 14.4 ms/image in passes of 4, 16.6 of 1, 19.3 of 8 and 27.2 of 16 (1 thread: 23.9 / 24.6 / 30.6 /
-45.1); a GPU takes the whole batch in one pass."""
+"""Input pixels per backbone pass on CPU (4 images at 256 px): larger passes fall out of cache and cost more per image
+(timings: benchmarks/notes/backbone.md)."""
 
 _OFFLINE_BACKBONE = "tf_efficientnet_lite0"
 _OFFLINE_NORMALIZATION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -114,7 +113,7 @@ def _channels_last_levels(features: list[Tensor]) -> Tensor:
     """`(B, h, w, D)`: levels aligned and concatenated with channels last, the layout patch vectors are read in.
 
     Upsampling a channels-last tensor and concatenating along the last axis gives the same values as doing both in
-    NCHW and permuting after, 5x faster on CPU (0.26 instead of 1.3 ms per 256 px image, lite0 levels 2-3).
+    NCHW and permuting after, several times faster on CPU (benchmarks/notes/backbone.md).
     """
     if not features:
         raise ValueError("concat_levels needs at least one feature level, got an empty list")

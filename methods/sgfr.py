@@ -300,8 +300,8 @@ def ridge_codes(gram: torch.Tensor, rhs: torch.Tensor, alpha: float) -> torch.Te
     """Solves `(G + alpha I) c = h` for a batch of symmetric PSD `G` `(N, k, k)` and `h` `(N, k)`.
 
     ||y - cB||² + 2 alpha ||c||² has this normal equation with G = BBᵀ, h = By. `G + alpha I` is positive definite, so
-    a batched Cholesky factorisation and two triangular solves replace a generic LU solve: 1.3 ms instead of 2.0 ms
-    (best of 40; medians 2.5 vs 4.2 ms) for 1024 patches, k = 16, one CPU thread. A matrix whose float32 factorisation
+    a batched Cholesky factorisation and two triangular solves replace a generic LU solve (faster, timings in
+    benchmarks/notes/sgfr.md). A matrix whose float32 factorisation
     fails (alpha far below rounding noise) is solved again in float64.
     """
     system = gram + alpha * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
