@@ -8,6 +8,8 @@ shared by every variant, so the comparison isolates the methods; fitting goes th
 Usage:
     python benchmarks/bank_methods.py --data ../shared/data/mtd/split.csv --out runs/bench-bank/mtd
     python benchmarks/bank_methods.py --synthetic --out runs/bench-bank/synthetic
+
+Progress goes to the log (stderr); the result table to stdout.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -26,12 +29,16 @@ from reconray.methods.artifact import ModelSpec
 from reconray.methods.backbone import FeatureExtractor, backbone_normalization
 from reconray.methods.metrics import compute_metrics, mean_metrics
 from reconray.methods.scoring import anomaly_map, image_scores
+from reconray.pipelines.console import console_session
 from reconray.pipelines.datasets import decode_rgb, discover, load_mask, split_samples, validate
 from reconray.pipelines.fit import calibration_split
 from reconray.pipelines.ingest import preprocess, preprocess_mask
 from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 BATCH = 16
+
+# Under "reconray", so that `console_session` shows these lines next to the library's own.
+logger = logging.getLogger("reconray.benchmarks.bank_methods")
 
 
 def extract(extractor: FeatureExtractor, spec: ModelSpec, samples: list, masks: bool,
@@ -105,6 +112,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if not (args.data or args.synthetic):
+        parser.error("give --data or --synthetic")
+    with console_session(None):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     data = make_synthetic_dataset(args.out / "data", SyntheticConfig()) if args.synthetic else args.data
     samples = discover(data)
@@ -139,7 +153,7 @@ def main() -> None:
                                            test_images)
             if label != "sgfr sparse (default)":
                 del fitted[label]  # a full MTD bank is 400 MB
-            print(f"[bench] {category} {label}: {json.dumps(rows[label])}", flush=True)
+            logger.info("%s %s: %s", category, label, json.dumps(rows[label]))
         results[category] = rows
     labels_in_order = list(next(iter(results.values())))
     mean = {label: mean_metrics({c: rows[label] for c, rows in results.items()}) for label in labels_in_order}

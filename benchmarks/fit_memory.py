@@ -3,7 +3,7 @@
 Usage:
     python benchmarks/fit_memory.py --out runs/bench-fit-memory [--method sgfr] [--images 64 256]
 
-For each training-set size, a fresh local Ray (2 CPUs) runs the real `pipelines.fit.fit_model` on one synthetic
+For each training-set size, a fresh local Ray (2 CPUs) runs the real `reconray.pipelines.fit.fit_model` on one synthetic
 category (256 px) while a sampler thread reads, every 0.2 s, the private memory (`RssAnon` of /proc/<pid>/status:
 the heap, Python objects and tensors, Linux only) of the driver and of every Ray worker process. Object-store pages
 are shared memory (`RssShmem`) and left out: they are Ray Data's bounded, backpressured queue between operators, not
@@ -11,12 +11,13 @@ what a worker holds (a unique-set-size reading counts the plasma pages a task wr
 made decode tasks look as if they grew with the data set). If a worker kept the images it had decoded, or the driver
 collected them, their peaks would grow by the raw set's size between the two runs (the second is 4x larger); the
 table shows how far they move instead, next to the size of one raw batch (16 float32 images of 3 x 256 x 256 =
-12.6 MB) and of the raw set.
+12.6 million bytes, printed as 12.0 MB: the table's MB are MiB) and of the raw set.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import threading
 import time
@@ -25,11 +26,15 @@ from pathlib import Path
 import psutil
 import ray
 
+from reconray.pipelines.console import console_session
 from reconray.pipelines.fit import fit_model
 from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 IMAGE_SIZE = 256
 RAW_IMAGE_BYTES = 3 * IMAGE_SIZE * IMAGE_SIZE * 4  # one decoded, normalized float32 image
+
+# Under "reconray", so that `console_session` shows these lines next to the library's own.
+logger = logging.getLogger("reconray.benchmarks.fit_memory")
 
 
 class PeakMemory:
@@ -91,6 +96,11 @@ def main() -> None:
     parser.add_argument("--method", default="sgfr")
     parser.add_argument("--images", type=int, nargs="+", default=[64, 256], help="training images per run")
     args = parser.parse_args()
+    with console_session(None):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     rows = []
     for count in args.images:
         data = make_synthetic_dataset(
@@ -106,7 +116,7 @@ def main() -> None:
         finally:
             ray.shutdown()
         rows.append((count, result.n_fit, seconds, memory.peaks))
-        print(f"[bench] {count} images: {memory.peaks}", flush=True)
+        logger.info("%d images: peak private bytes %s", count, memory.peaks)
 
     roles = sorted({role for *_, peaks in rows for role in peaks})
     print(f"\n| training images (fit) | raw set MB | fit s | {' | '.join(f'peak private MB: {r}' for r in roles)} |")

@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from reconray.pipelines.console import console_session
 from reconray.pipelines.evaluate import evaluate_model
 from reconray.pipelines.fit import fit_model
 
@@ -27,6 +28,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-patchcore"))
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="run only these (repeatable)")
     args = parser.parse_args()
+    with console_session(None):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     rows = {}
     for label, options in VARIANTS.items():
         if args.variant and label not in args.variant:

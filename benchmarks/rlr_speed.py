@@ -22,6 +22,7 @@ and one reconray step is profiled (top operators by self CPU time).
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -32,10 +33,14 @@ from torch import nn
 from reconray.methods.backbone import FeatureExtractor
 from reconray.methods.rlr import RLRModel, make_optimizer, resolve_precision, rlr_loss, train_step
 from reconray.methods.rlr_reference import RLRReferenceModel, dense_window_masks
+from reconray.pipelines.console import console_session
 
 BATCH = 4
 IMAGE_SIZE = 256
 D_MODEL, LAYERS, HEADS, JITTER, LR = 256, 4, 8, 4.0, 1e-4
+
+# Under "reconray", so that `console_session` shows these lines.
+logger = logging.getLogger("reconray.benchmarks.rlr_speed")
 
 
 def _measure(step: Callable[[], object]) -> tuple[float, float]:
@@ -76,6 +81,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile-rows", type=int, default=15)
     args = parser.parse_args()
+    with console_session(None):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -116,7 +126,7 @@ def main() -> None:
             measured = _measure(step)
             if rep:  # rep 0 warms up allocator and kernels
                 times[name].append(measured)
-        print(f"rep {rep}/{args.reps} done", flush=True)
+        logger.info("rep %d/%d done", rep, args.reps)
 
     medians = {
         name: (statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs))

@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/rlr_unified.py [--mtd ../shared/data/mtd/split.csv] [--out runs/bench-rlr-unified]
         [--epochs 5] [--d-model 64] [--layers 2] [--heads 4] [--batch-size 8] [--cpus-per-worker 1] [--mtd-coreset 0.1]
+        [--smoke]
 
 RLR's selling point is the unified setting: a single model trained on the union of all categories' normal images,
 evaluated per category. Patchcore, the baseline, gets one model per category. Both go through the product's own
@@ -10,7 +11,9 @@ pipelines (`fit_model`, `evaluate_model`), so the numbers are what `reconray fit
 one model on the union, the script writes a VisA-style CSV (absolute paths) listing the MTD rows and the synthetic
 samples; the MTD data itself is only read. The RLR size defaults to a CPU-sized setting (the reference is d_model 256,
 4 layers, 8 heads, batch 4, 200 epochs); patchcore keeps its defaults except a 10% coreset on MTD, whose full bank
-(680k patches) takes ~20 minutes to evaluate on 2 CPU cores.
+(680k patches) takes ~20 minutes to evaluate on 2 CPU cores. Ray Train scheduling (`--cpus-per-worker`, one worker,
+a checkpoint every 10 epochs) is a `TrainConfig`, not part of the model's options. `--smoke` shrinks the synthetic
+part to one category of 6 training and 4 test images, for an end-to-end check with a small `--mtd` dataset.
 """
 
 from __future__ import annotations
@@ -18,17 +21,24 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from reconray.methods.artifact import read_config
+from reconray.pipelines.console import console_session
 from reconray.pipelines.datasets import Sample, discover
 from reconray.pipelines.evaluate import evaluate_model
 from reconray.pipelines.fit import fit_model
+from reconray.pipelines.fitting import TrainConfig
 from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
+SMOKE_SYNTHETIC = SyntheticConfig(n_train=6, n_test_good=2, n_test_defect=2, categories=("nut",))
+
+# Under "reconray", so that `console_session` shows these lines next to the library's own.
+logger = logging.getLogger("reconray.benchmarks.rlr_unified")
 
 
 def write_union_csv(sources: list[Path], path: Path) -> list[str]:
@@ -48,10 +58,12 @@ def _timed_fit_evaluate(data: Path, method: str, folder: Path, **fit_kwargs: Any
     """Fits and evaluates one model; returns its metrics plus the fit and total wall seconds."""
     started = time.perf_counter()
     fitted = fit_model(data, method, folder / "model", **fit_kwargs)
-    metrics = evaluate_model(fitted.model_dir, data, folder / "evaluation", categories=fit_kwargs.get("categories"))
+    evaluation = evaluate_model(fitted.model_dir, data, folder / "evaluation", categories=fit_kwargs.get("categories"))
+    # metrics.json's content; the per-image scores and heatmap entries stay in the evaluation folder
+    metrics = {key: value for key, value in evaluation.items() if key not in ("heatmaps", "scores")}
     metrics["fit_wall_s"] = fitted.fit_s
     metrics["wall_s"] = time.perf_counter() - started
-    metrics["method_info"] = read_config(fitted.model_dir).get("method_info", {})
+    metrics["method_info"] = read_config(fitted.model_dir).method_info
     return metrics
 
 
@@ -66,15 +78,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (= torch threads) of the RLR worker")
     parser.add_argument("--mtd-coreset", type=float, default=0.1, help="patchcore coreset ratio on MTD (1 = full)")
+    parser.add_argument("--smoke", action="store_true", help="tiny synthetic part (1 category, 6 train / 4 test)")
     args = parser.parse_args()
+    with console_session(None):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     out = args.out.resolve()
     started = time.perf_counter()
 
-    synthetic_root = make_synthetic_dataset(out / "synthetic", SyntheticConfig())
+    synthetic_root = make_synthetic_dataset(out / "synthetic", SMOKE_SYNTHETIC if args.smoke else SyntheticConfig())
     union = out / "unified.csv"
     categories = write_union_csv([args.mtd.resolve(), Path(synthetic_root)], union)
     mtd_categories = {sample.category for sample in discover(args.mtd)}
-    print(f"[bench] categories {categories}, union CSV {union}", flush=True)
+    logger.info("categories %s, union CSV %s", categories, union)
 
     rlr_options = {
         "epochs": args.epochs,
@@ -82,11 +100,11 @@ def main() -> None:
         "layers": args.layers,
         "heads": args.heads,
         "batch_size": args.batch_size,
-        "cpus_per_worker": args.cpus_per_worker,
-        "checkpoint_every": min(args.epochs, 10),
     }
-    summary: dict[str, Any] = {"rlr_options": rlr_options, "mtd_coreset": args.mtd_coreset}
-    summary["rlr"] = _timed_fit_evaluate(union, "rlr", out / "rlr", options=rlr_options)
+    training = TrainConfig(cpus_per_worker=args.cpus_per_worker, checkpoint_every=min(args.epochs, 10))
+    summary: dict[str, Any] = {"rlr_options": rlr_options, "rlr_training": training.model_dump(),
+                               "mtd_coreset": args.mtd_coreset}
+    summary["rlr"] = _timed_fit_evaluate(union, "rlr", out / "rlr", options=rlr_options, training=training)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     summary["patchcore"] = {}
     # MTD last: its patchcore is by far the slowest part, so the synthetic results land first.
@@ -106,10 +124,10 @@ def print_table(summary: dict[str, Any], categories: list[str]) -> None:
     rlr = summary["rlr"]
     patchcore = summary["patchcore"]
     info = rlr["method_info"]
-    print(f"RLR unified {summary['rlr_options']}: epochs {info.get('epoch')}, final loss {info.get('loss')}, "
-          f"fit {rlr['fit_wall_s']:.0f} s, fit+evaluate {rlr['wall_s']:.0f} s; patchcore total "
-          f"{sum(entry['wall_s'] for entry in patchcore.values()):.0f} s (MTD coreset {summary['mtd_coreset']}); "
-          f"benchmark {summary['total_wall_s']:.0f} s")
+    print(f"RLR unified {summary['rlr_options']}, training {summary['rlr_training']}: epochs {info.get('epoch')}, "
+          f"final loss {info.get('loss')}, fit {rlr['fit_wall_s']:.0f} s, fit+evaluate {rlr['wall_s']:.0f} s; "
+          f"patchcore total {sum(entry['wall_s'] for entry in patchcore.values()):.0f} s (MTD coreset "
+          f"{summary['mtd_coreset']}); benchmark {summary['total_wall_s']:.0f} s")
     print("| category | RLR I-AUROC | PC I-AUROC | RLR P-AUROC | PC P-AUROC | RLR AUPRO | PC AUPRO |")
     print("|---|---|---|---|---|---|---|")
     means = {("rlr", key): [] for key in METRICS} | {("pc", key): [] for key in METRICS}

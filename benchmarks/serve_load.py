@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 import time
@@ -35,6 +36,7 @@ import torch
 from ray import serve
 
 from reconray.methods.artifact import load_artifact
+from reconray.pipelines.console import console_session
 from reconray.pipelines.datasets import decode_rgb
 from reconray.pipelines.fit import fit_model
 from reconray.pipelines.ingest import preprocess
@@ -42,6 +44,9 @@ from reconray.pipelines.serve import APP_NAME, build_app
 from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 WARMUP_REQUESTS = 8
+
+# Under "reconray", so that `console_session` shows these lines next to the library's own.
+logger = logging.getLogger("reconray.benchmarks.serve_load")
 
 
 def _fit_default(out: Path) -> tuple[Path, list[Path]]:
@@ -162,7 +167,11 @@ def main() -> None:
         parser.error("--images is required with --model")
     concurrencies = [int(value) for value in args.concurrency.split(",")]
     batch_sizes = [int(value) for value in args.batch_sizes.split(",")]
+    with console_session(None):
+        run(args, concurrencies, batch_sizes)
 
+
+def run(args: argparse.Namespace, concurrencies: list[int], batch_sizes: list[int]) -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     model_dir, images = (args.model, args.images) if args.model else _fit_default(args.out)
     payloads = [path.read_bytes() for path in images]
@@ -173,7 +182,7 @@ def main() -> None:
 
     for batch_size in batch_sizes:
         report["in_process"][batch_size] = in_process(model_dir, payloads * 4, batch_size, threads, args.max_seconds)
-        print(f"[bench] in-process batch {batch_size}: {json.dumps(report['in_process'][batch_size])}", flush=True)
+        logger.info("in-process batch %d: %s", batch_size, json.dumps(report["in_process"][batch_size]))
     best = max(batch_sizes, key=lambda size: report["in_process"][size]["throughput"])
     report["reference_batch_size"] = best
 
@@ -188,7 +197,7 @@ def main() -> None:
             result = asyncio.run(drive(url, payloads, concurrency, args.requests, args.max_seconds))
             result |= {"reference": reference, "vs_in_process": result["throughput"] / reference["throughput"]}
             report["serve"][f"batch {batch_size}, concurrency {concurrency}"] = result
-            print(f"[bench] serve batch {batch_size} concurrency {concurrency}: {json.dumps(result)}", flush=True)
+            logger.info("serve batch %d concurrency %d: %s", batch_size, concurrency, json.dumps(result))
         serve.delete(APP_NAME)
     serve.shutdown()
 

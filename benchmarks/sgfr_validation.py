@@ -15,6 +15,9 @@ validation batch right before that batch is scored, so "score/backbone" compares
 Usage:
     python benchmarks/sgfr_validation.py --out runs/sgfr-validation
     python benchmarks/sgfr_validation.py --out runs/sgfr-validation --grid "k=8" "k=16,search_dims=0"
+    python benchmarks/sgfr_validation.py --out runs/sgfr-smoke --grid "" --mtd-validation 4 --limit 8   # smoke run
+
+How the defaults were chosen with it, and the tables: benchmarks/notes/sgfr.md and benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -34,17 +38,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bank_methods import evaluate_variant, extract, fit_variant  # noqa: E402
 
+from reconray.methods import create_method  # noqa: E402
 from reconray.methods.artifact import ModelSpec  # noqa: E402
 from reconray.methods.backbone import FeatureExtractor, backbone_normalization  # noqa: E402
-from reconray.methods.base import resolve_options  # noqa: E402
 from reconray.methods.metrics import mean_metrics  # noqa: E402
 from reconray.methods.sgfr import SGFR  # noqa: E402
+from reconray.pipelines.console import console_session  # noqa: E402
 from reconray.pipelines.datasets import Sample, decode_rgb, discover, split_samples, validate  # noqa: E402
 from reconray.pipelines.fit import calibration_split  # noqa: E402
 from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset  # noqa: E402
 
 MTD_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "split.csv"
 DEFECT_PAINTERS = ("hole", "crack", "bump")
+
+logger = logging.getLogger("reconray.benchmarks.sgfr_validation")
 
 
 def _by_name_hash(samples: list[Sample]) -> list[Sample]:
@@ -125,6 +132,14 @@ def parse_grid(texts: list[str]) -> list[dict]:
     return [dict(item.split("=", 1) for item in text.split(",") if item) for text in texts]
 
 
+def limited(samples: list[Sample], limit: int | None) -> list[Sample]:
+    """At most `limit` samples (all when None), half of them anomalous where there are any (for smoke runs)."""
+    if limit is None:
+        return samples
+    anomalous = [sample for sample in samples if sample.label][: limit // 2]
+    return [sample for sample in samples if not sample.label][: limit - len(anomalous)] + anomalous
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -132,32 +147,41 @@ def main() -> None:
                         help="option sets, each 'key=value,key=value' ('' = the defaults)")
     parser.add_argument("--mtd-validation", type=int, default=120, help="MTD train images held out for validation")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int, help="at most this many fit and validation images per set (smoke runs)")
     args = parser.parse_args()
+    with console_session(None):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     mean, std = backbone_normalization("tf_efficientnet_lite0")
     spec = ModelSpec("tf_efficientnet_lite0", [2, 3], 256, list(mean), list(std))
     extractor = FeatureExtractor()
     warm_shapes: set[torch.Size] = set()
     grid = parse_grid(args.grid)
+    for options in grid:  # an unknown option or a bad value fails now, not after minutes of feature extraction
+        create_method("sgfr", **options)
     results: dict[str, dict[str, dict]] = {}
     for name, (fit_samples, validation) in validation_sets(args.out, args.mtd_validation).items():
+        fit_samples, validation = limited(fit_samples, args.limit), limited(validation, args.limit)
         began = time.perf_counter()
         train, _, _, _ = extract(extractor, spec, fit_samples, masks=False, warm_shapes=warm_shapes)
         test, test_masks, _, images = extract(extractor, spec, validation, masks=True, warm_shapes=warm_shapes)
         labels = np.array([sample.label for sample in validation])
-        print(f"[validation] {name}: {len(fit_samples)} fit, {len(validation)} validation ({labels.sum()} with "
-              f"defects), features in {time.perf_counter() - began:.0f} s", flush=True)
+        logger.info("%s: %d fit, %d validation (%d with defects), features in %.0f s", name, len(fit_samples),
+                    len(validation), labels.sum(), time.perf_counter() - began)
         for options in grid:
             label = ",".join(f"{key}={value}" for key, value in options.items()) or "defaults"
             row = evaluate_variant(*fit_variant("sgfr", options, train), test, test_masks, labels, spec.image_size,
                                    extractor, images)
             results.setdefault(label, {})[name] = row
-            print(f"[validation] {name} {label}: image {row['image_auroc']:.3f} pixel {row['pixel_auroc']:.3f} "
-                  f"aupro {row['aupro']:.3f} score {row['score_ms_per_image']:.1f} ms/img "
-                  f"({row['score_over_backbone']:.2f}x backbone) fit {row['fit_s']:.0f} s", flush=True)
+            logger.info("%s %s: image %.3f pixel %.3f aupro %.3f score %.1f ms/img (%.2fx backbone) fit %.0f s", name,
+                        label, row["image_auroc"], row["pixel_auroc"], row["aupro"], row["score_ms_per_image"],
+                        row["score_over_backbone"], row["fit_s"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sgfr_validation.json").write_text(json.dumps(results, indent=2))
-    defaults = resolve_options("sgfr", SGFR.defaults, {})
+    defaults = SGFR.defaults()
     print(f"\ndefaults: {json.dumps(defaults)}\n")
     print("| options | set | image AUROC | pixel AUROC | AUPRO | basis vectors | score ms/img | score/backbone |")
     print("|---|---|---|---|---|---|---|---|")

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reconray.methods.errors import OptionError
+
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 DEFAULT_LEVELS = (2, 3)
 DEFAULT_IMAGE_SIZE = 256
@@ -137,13 +139,13 @@ def _check_levels(backbone: str, levels: Sequence[int]) -> list[int]:
     """Refuses levels the backbone does not have, before any weights are loaded."""
     levels = [int(level) for level in levels]
     if not levels:
-        raise ValueError(f"at least one feature level is needed for {backbone}, got {levels}")
+        raise OptionError(f"at least one feature level is needed for {backbone}, got {levels}")
     if any(later <= earlier for earlier, later in zip(levels, levels[1:], strict=False)):
-        raise ValueError(f"feature levels must be strictly increasing (finest first), got {levels}")
+        raise OptionError(f"feature levels must be strictly increasing (finest first), got {levels}")
     count = len(_meta_classifier(backbone).feature_info)
     for level in levels:
         if not 0 <= level < count:
-            raise ValueError(f"feature level {level} is out of range (0 to {count - 1}) for {backbone}")
+            raise OptionError(f"feature level {level} is out of range (0 to {count - 1}) for {backbone}")
     return levels
 
 
@@ -151,7 +153,7 @@ def _create_model(backbone: str, weights: str | Path | None, pretrained: bool, *
     """Creates a timm model (classifier or `features_only`) with weights resolved as the module docstring says."""
     if not pretrained:
         if weights is not None:
-            raise ValueError(f"weights={weights} was given with pretrained=False; drop one of them")
+            raise OptionError(f"weights={weights} was given with pretrained=False; drop one of them")
         return timm.create_model(backbone, pretrained=False, **kwargs)
     if weights is not None:
         state_dict = _read_weights_file(backbone, Path(weights))
@@ -187,7 +189,7 @@ def _create_from_hub(backbone: str, **kwargs: object) -> nn.Module:
     except OSError as error:
         hub_id = _meta_classifier(backbone).pretrained_cfg.get("hf_hub_id")
         source = f" (https://huggingface.co/{hub_id})" if hub_id else ""
-        raise RuntimeError(
+        raise OptionError(
             f"could not fetch timm's pretrained weights for {backbone} ({error}). Download its model.safetensors"
             f"{source} on a machine with internet access and pass the local file: `--backbone {backbone}` with "
             f"`--weights /path/to/model.safetensors`, or FeatureExtractor({backbone!r}, weights=...) in Python"
@@ -197,7 +199,7 @@ def _create_from_hub(backbone: str, **kwargs: object) -> nn.Module:
 def _read_weights_file(backbone: str, path: Path) -> dict[str, Tensor]:
     """Loads a local state dict without unpickling arbitrary objects and checks it fits the backbone exactly."""
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist (expected a .pth/.pt/.safetensors state dict)")
+        raise OptionError(f"weights file {path} does not exist (expected a .pth/.pt/.safetensors state dict)")
     state_dict = timm.models.load_state_dict(str(path), weights_only=True)
     expected = _meta_classifier(backbone).state_dict()
     missing = [key for key in expected if key not in state_dict]
@@ -205,7 +207,7 @@ def _read_weights_file(backbone: str, path: Path) -> dict[str, Tensor]:
     wrong = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
     if missing or unexpected or wrong:
         first = (missing or unexpected or wrong)[0]
-        raise ValueError(
+        raise OptionError(
             f"weights file {path} is not a {backbone} state dict in timm's layout: {len(missing)} missing, "
             f"{len(unexpected)} unexpected and {len(wrong)} mis-shaped tensors, the first being {first!r}"
         )

@@ -97,7 +97,7 @@ def console_session(log_file: Path | None, verbose: bool = False) -> Iterator[No
 
 @contextlib.contextmanager
 def stage(description: str, total: int | None, unit: str = "image") -> Iterator[Callable[[int], None]]:
-    """A progress bar (count, rate, ETA) on an interactive console, then one summary line in the log.
+    """A progress bar (count, rate, ETA) on an interactive console, then one summary line when the stage succeeds.
 
     Yields the function that advances the bar by a number of `unit`s.
     """
@@ -116,11 +116,11 @@ def stage(description: str, total: int | None, unit: str = "image") -> Iterator[
         yield advance
     finally:
         bar.close()
-        elapsed = time.perf_counter() - started
-        logging.getLogger(LOGGER_NAME).info(
-            "%s: %d %s%s in %.1f s (%.3g/s)", description, done, unit, "" if done == 1 else "s", elapsed,
-            done / max(elapsed, 1e-9),
-        )
+    elapsed = time.perf_counter() - started
+    rate = done / max(elapsed, 1e-9)
+    shown_rate = f"{rate:.0f}" if rate >= 100 else f"{rate:.2g}"
+    logging.getLogger(LOGGER_NAME).info("%s: %d %s%s in %.1f s (%s/s)", description, done, unit,
+                                        "" if done == 1 else "s", elapsed, shown_rate)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reconray.methods.errors import DatasetError
+from reconray.methods.errors import DatasetError, OptionError
+from reconray.pipelines.console import stage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NORMAL = "good"
@@ -195,9 +196,12 @@ def validate(samples: Sequence[Sample], on_bad_image: str = "error", workers: in
         workers: threads decoding in parallel (Pillow releases the GIL while decoding).
     """
     if on_bad_image not in ("error", "skip"):
-        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
-    with ThreadPoolExecutor(workers) as pool:
-        problems = list(pool.map(_problem_of, samples))
+        raise OptionError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    problems = []
+    with ThreadPoolExecutor(workers) as pool, stage("validate images", total=len(samples)) as advance:
+        for problem in pool.map(_problem_of, samples):
+            problems.append(problem)
+            advance(1)
     kept, skipped = [], []
     for sample, problem in zip(samples, problems, strict=True):
         if problem is None:

@@ -20,6 +20,7 @@ from ray.data import ActorPoolStrategy
 
 from reconray.methods.artifact import ModelSpec, load_artifact, read_config
 from reconray.methods.device import pick_device
+from reconray.methods.errors import DatasetError
 from reconray.pipelines.datasets import Sample, decode_rgb, load_mask
 
 LEVEL_COLUMN = "level_{}"
@@ -62,7 +63,7 @@ def sample_rows(samples: Sequence[Sample]) -> list[dict[str, Any]]:
 def image_dataset(samples: Sequence[Sample], spec: ModelSpec, resources: Resources, masks: bool) -> ray.data.Dataset:
     """Rows of decoded images `(3, S, S)` float32 normalized for the backbone, plus `(S, S)` uint8 masks if asked."""
     if not samples:
-        raise ValueError("no images to process")
+        raise DatasetError("no images to process")
     return ray.data.from_items(sample_rows(samples)).map_batches(
         _decode_batch,
         fn_kwargs={"spec": spec, "masks": masks},
@@ -121,7 +122,7 @@ def _decode_batch(batch: dict[str, np.ndarray], spec: ModelSpec, masks: bool) ->
         try:
             images.append(preprocess(decode_rgb(path), spec).numpy())
         except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: cannot decode image ({error})") from error
+            raise DatasetError(f"{path}: cannot decode image ({error})") from error
     batch["pixels"] = np.stack(images)
     if masks:
         size = spec.image_size

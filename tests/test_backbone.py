@@ -20,6 +20,7 @@ from reconray.methods.backbone import (
     concat_levels,
     create_classifier,
 )
+from reconray.methods.errors import OptionError
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -164,7 +165,7 @@ def test_explicit_weights_reach_renaming_features_wrappers(
 
 def test_missing_weights_file_names_the_path(tmp_path) -> None:
     path = tmp_path / "absent.pth"
-    with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
+    with pytest.raises(OptionError, match=re.escape(str(path))):
         FeatureExtractor(weights=path)
 
 
@@ -178,5 +179,5 @@ def test_weights_of_another_backbone_are_refused(tmp_path) -> None:
 def test_unreachable_hub_says_how_to_pass_a_local_file(monkeypatch) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     advice = "`--backbone resnet18` with `--weights /path/to/model.safetensors`"
-    with pytest.raises(RuntimeError, match=re.escape(advice)):
+    with pytest.raises(OptionError, match=re.escape(advice)):
         FeatureExtractor("resnet18", levels=(1, 2))

@@ -203,7 +203,7 @@ def test_fit_refuses_bad_input(files, tmp_path: Path, capsys: pytest.CaptureFixt
     data, message = _bad_fit_data(files, case)
     code, _, err = _cli(capsys, "fit", "--data", data, "--method", "patchcore", "--out", tmp_path / "model")
     assert code == 2
-    assert err.startswith("reconray fit: error: ") and message in err
+    assert err.splitlines()[-1].startswith("reconray fit: error: ") and message in err  # one line, last
     assert not (tmp_path / "model").exists()
 
 
@@ -231,7 +231,7 @@ def test_evaluate_refuses_bad_input(
     data, message = _bad_test_data(files, case)
     code, _, err = _cli(capsys, "evaluate", "--model", fitted_model, "--data", data, "--out", tmp_path / "eval")
     assert code == 2
-    assert err.startswith("reconray evaluate: error: ") and message in err
+    assert err.splitlines()[-1].startswith("reconray evaluate: error: ") and message in err
     assert _only_the_log(tmp_path / "eval")
 
 
@@ -251,6 +251,13 @@ def test_predict_and_model_errors(fitted_model: Path, files, tmp_path: Path, cap
     code, _, err = _cli(capsys, "fit", "--data", tmp_path, "--method", "patchcore", "--out", tmp_path / "m",
                         "--set", "neighbours=3")
     assert code == 2 and "unknown option(s) ['neighbours'] for method 'patchcore'" in err
+    # A bad value is refused before any image is read: the data folder here holds none at all.
+    code, _, err = _cli(capsys, "fit", "--data", tmp_path, "--method", "patchcore", "--out", tmp_path / "m",
+                        "--set", "index=foo")
+    assert code == 2 and "invalid option patchcore.index='foo': Input should be 'auto', 'flat' or 'ivf'" in err
+    code, _, err = _cli(capsys, "fit", "--data", tmp_path, "--method", "rlr", "--out", tmp_path / "m",
+                        "--num-workers", "0")
+    assert code == 2 and "num_workers: Input should be greater than or equal to 1" in err
 
 
 @pytest.mark.integration  # starts reconray in a subprocess

@@ -96,7 +96,7 @@ def test_decode_names_the_file_it_cannot_read(files, model_spec: ModelSpec) -> N
 def test_empty_inputs_are_refused(model_spec: ModelSpec) -> None:
     with pytest.raises(ValueError, match="no images to process"):
         image_dataset([], model_spec, Resources(1, 1.0, 0.0, 0.5), masks=False)
-    with pytest.raises(ValueError, match=r"batch has no feature columns; columns: \['image'\]"):
+    with pytest.raises(ValueError, match=r"no feature columns \(level_0, \.\.\.\) among \['image'\]"):
         level_tensors({"image": np.array(["a.png"])})
 
 
