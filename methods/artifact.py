@@ -123,6 +123,9 @@ def save_artifact(
     for name, index in state.indexes.items():
         faiss.write_index(index, str(directory / f"{name}.faiss"))
         files.append(f"{name}.faiss")
+    for stale in [directory / TENSORS_FILE, *directory.glob("*.faiss")]:
+        if stale.name not in files and stale.is_file():
+            stale.unlink()  # left by an earlier fit into the same directory: not part of this model
     bank_vectors, bank_bytes = method.bank_stats()
     config = ArtifactConfig(
         method=method.name,

@@ -202,3 +202,14 @@ def test_loaded_bank_is_the_saved_bank(fitted_model: Path) -> None:
     config = read_config(fitted_model)
     assert (vectors, size) == (config.bank_vectors, config.bank_bytes)
     assert size > vectors * 152 * 4
+
+
+def test_refitting_into_the_same_directory_leaves_no_file_of_the_old_model(
+    model_copy: Path, model_spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(METHODS, _NearestMean.name, _NearestMean)
+    method = _NearestMean()
+    method.fit([[torch.ones(1, 3, 2, 2)]])
+    save_artifact(model_copy, method, model_spec, threshold=None, categories=["a"])
+    assert sorted(path.name for path in model_copy.iterdir()) == [CONFIG_FILE, TENSORS_FILE]
+    assert isinstance(load_artifact(model_copy).method, _NearestMean)
