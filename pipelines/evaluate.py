@@ -161,20 +161,22 @@ def predict_images(
     resources = resources or plan_resources()
     out_dir = Path(out_dir)
     by_image: dict[str, dict[str, Any]] = {}
-    for batch in score_dataset(str(model_dir), samples, resources).iter_batches(batch_size=None,
-                                                                               batch_format="numpy"):
-        for row in range(len(batch["image"])):
-            image, anomaly_map = str(batch["image"][row]), batch["anomaly_map"][row]
-            score = float(batch["image_score"][row])
-            heatmap = with_parent(out_dir / "heatmaps" / f"{position[image]:04d}_{Path(image).stem}.png")
-            render_figure(decode_rgb(image), anomaly_map, score, threshold).save(heatmap)
-            by_image[image] = {
-                "image": image,
-                "score": score,
-                "is_anomalous": is_anomalous(score, threshold),
-                "threshold": threshold,
-                "heatmap": str(heatmap),
-            }
+    scored = score_dataset(str(model_dir), samples, resources)
+    with stage("predict", total=len(samples)) as advance:
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            for row in range(len(batch["image"])):
+                image, anomaly_map = str(batch["image"][row]), batch["anomaly_map"][row]
+                score = float(batch["image_score"][row])
+                heatmap = with_parent(out_dir / "heatmaps" / f"{position[image]:04d}_{Path(image).stem}.png")
+                render_figure(decode_rgb(image), anomaly_map, score, threshold).save(heatmap)
+                by_image[image] = {
+                    "image": image,
+                    "score": score,
+                    "is_anomalous": is_anomalous(score, threshold),
+                    "threshold": threshold,
+                    "heatmap": str(heatmap),
+                }
+            advance(len(batch["image"]))
     predictions = [by_image[sample.image] for sample in samples]
     write_json(out_dir / "predictions.json", predictions)
     logger.info("%d predictions written to %s", len(predictions), out_dir / "predictions.json")
