@@ -31,9 +31,9 @@ from reconray.methods.metrics import compute_metrics, mean_metrics
 from reconray.methods.scoring import anomaly_map, image_scores
 from reconray.pipelines.console import console_session
 from reconray.pipelines.datasets import decode_rgb, discover, load_mask, split_samples, validate
-from reconray.pipelines.fit import calibration_split
 from reconray.pipelines.ingest import preprocess, preprocess_mask
 from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
+from reconray.pipelines.validation import calibration_split
 
 BATCH = 16
 

@@ -45,8 +45,8 @@ from reconray.methods.metrics import mean_metrics  # noqa: E402
 from reconray.methods.sgfr import SGFR  # noqa: E402
 from reconray.pipelines.console import console_session  # noqa: E402
 from reconray.pipelines.datasets import Sample, decode_rgb, discover, split_samples, validate  # noqa: E402
-from reconray.pipelines.fit import calibration_split  # noqa: E402
 from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset  # noqa: E402
+from reconray.pipelines.validation import calibration_split  # noqa: E402
 
 MTD_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtd" / "split.csv"
 DEFECT_PAINTERS = ("hole", "crack", "bump")

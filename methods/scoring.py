@@ -87,12 +87,21 @@ class Scorer:
         features = self.extractor(images.to(self.device))
         synchronize(self.device)
         extracted = time.perf_counter()
-        patch_scores = self.method.score(features)
-        maps = anomaly_map(patch_scores, tuple(images.shape[-2:]))
-        scores = image_scores(maps)
+        scores, maps, patch_scores = score_features(self.method, features, tuple(images.shape[-2:]))
         synchronize(self.device)
         finished = time.perf_counter()
         return ScoredBatch(scores.cpu(), maps.cpu(), patch_scores.cpu(), extracted - started, finished - extracted)
+
+
+@torch.inference_mode()
+def score_features(
+    method: AnomalyMethod, features: list[torch.Tensor], image_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image scores `(B,)`, anomaly maps `(B, H, W)` and patch scores of already extracted features: the part of the
+    scoring path after the backbone, shared by `Scorer` and by sweeps that score cached features."""
+    patch_scores = method.score(features)
+    maps = anomaly_map(patch_scores, image_size)
+    return image_scores(maps), maps, patch_scores
 
 
 def is_anomalous(score: float, threshold: float | None) -> bool | None:

@@ -9,7 +9,6 @@ go to a work directory beside the artifact, never into it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -26,11 +25,10 @@ from reconray.pipelines.datasets import Sample, discover, split_samples, validat
 from reconray.pipelines.fitting import FitContext, TrainConfig, distributed_fit, work_dir_for
 from reconray.pipelines.ingest import Resources, plan_resources, score_dataset
 from reconray.pipelines.runtime import ensure_ray
+from reconray.pipelines.validation import calibration_split
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_RATIO = 0.1
-"""Share of each category's normal training images held out of the fit to calibrate the threshold."""
 THRESHOLD_QUANTILE = 0.99
 """Threshold = this quantile of the held-out normal images' scores: about 1% false alarms on normal parts."""
 
@@ -99,24 +97,6 @@ def fit_model(
     logger.info("fit %s: done in %.1f s, threshold %s, model in %s", method_name, fit_s,
                 "none" if threshold is None else f"{threshold:.4g}", out_dir)
     return FitResult(out_dir, method_name, fit_s, threshold, len(fit_samples), len(calibration), validation.skipped)
-
-
-def calibration_split(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
-    """Holds out `CALIBRATION_RATIO` of each category's images (at least one when it has two or more).
-
-    The choice is by a hash of the file name, not by order, so it is stable across runs and machines and not
-    biased by how files were numbered.
-    """
-    fit, held_out = [], []
-    for category in sorted({sample.category for sample in samples}):
-        members = sorted(
-            (sample for sample in samples if sample.category == category),
-            key=lambda sample: hashlib.sha1(Path(sample.image).name.encode()).hexdigest(),
-        )
-        count = max(1, round(len(members) * CALIBRATION_RATIO)) if len(members) >= 2 else 0
-        held_out += members[:count]
-        fit += members[count:]
-    return fit, held_out
 
 
 def calibrate(model_dir: Path, calibration: Sequence[Sample], resources: Resources) -> float | None:
