@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +60,22 @@ def fit_model(
     on_bad_image: str = "error",
     resources: Resources | None = None,
     feature_cache: str | Path | None = None,
+    exclude: Collection[str] = (),
 ) -> FitResult:
     """Fits `method_name` on the normal training images of `data` and writes the artifact to `out_dir`.
 
     Options are validated first (`--set index=foo` fails before any image is read). `work_dir` (default: `<out>-work`
     beside the artifact) holds training byproducts; `feature_cache` is a folder of backbone-feature caches shared by
-    fits of the same images, so fitting several methods extracts the features once.
+    fits of the same images, so fitting several methods extracts the features once. `exclude` names training images
+    kept out of the fit (a validation split, `validation.carve`); the calibration images do not depend on it.
     """
     method = create_method(method_name, **(options or {}))
     out_dir = Path(out_dir)
     train = split_samples(discover(data, categories), "train")
     validation = validate(train, on_bad_image)
     fit_samples, calibration = calibration_split(validation.samples)
+    excluded = {str(Path(image).resolve()) for image in exclude}
+    fit_samples = [sample for sample in fit_samples if str(Path(sample.image).resolve()) not in excluded]
     mean, std = backbone_normalization(backbone, weights)
     spec = ModelSpec(backbone, list(levels), image_size, list(mean), list(std), weights)
     ensure_ray()

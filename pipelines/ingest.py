@@ -72,9 +72,12 @@ def image_dataset(samples: Sequence[Sample], spec: ModelSpec, resources: Resourc
     )
 
 
-def feature_dataset(samples: Sequence[Sample], spec: ModelSpec, resources: Resources) -> ray.data.Dataset:
-    """Rows with backbone features, one column per level (`level_0` finest, each `(C, h, w)` float32)."""
-    return image_dataset(samples, spec, resources, masks=False).map_batches(
+def feature_dataset(
+    samples: Sequence[Sample], spec: ModelSpec, resources: Resources, masks: bool = False
+) -> ray.data.Dataset:
+    """Rows with backbone features, one column per level (`level_0` finest, each `(C, h, w)` float32), and the
+    `(S, S)` uint8 ground-truth masks in `gt_mask` when `masks` is set."""
+    return image_dataset(samples, spec, resources, masks=masks).map_batches(
         _FeatureActor,
         fn_constructor_kwargs={"spec": spec, "threads": resources.torch_threads},
         batch_size=resources.batch_size,

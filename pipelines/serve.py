@@ -386,13 +386,16 @@ def serve_model(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000
     Stopping deletes this application only, so other Serve applications on a shared cluster keep running; a local
     Ray started here shuts down with the process.
     """
+    application = build_app(options)
     ensure_ray()
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(options), name=APP_NAME, route_prefix="/")
-    # Replaces the SIGTERM handling ray.init installed, which ends the process without this cleanup.
+    # Replaces the SIGTERM handling ray.init installed, which ends the process without the cleanup below; set before
+    # deploying, since a replica answers (and a user may stop the server) before serve.run returns.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    logger.info("serving %s at http://%s:%d/v1/score (OpenAPI: /docs); Ctrl-C stops", options.model_dir, host, port)
     try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application, name=APP_NAME, route_prefix="/")
+        logger.info("serving %s at http://%s:%d/v1/score (OpenAPI: /docs); Ctrl-C stops", options.model_dir, host,
+                    port)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

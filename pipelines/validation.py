@@ -34,6 +34,7 @@ the seed, the constants, and per image its kind, mask share, source and donor (w
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -417,3 +418,28 @@ _KINDS: dict[str, tuple[Shape, Target]] = {
 def _write_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, format="PNG", compress_level=1)
+
+
+def write_split_csv(samples: Sequence[Sample], path: str | Path) -> Path:
+    """Writes `samples` as a VisA-style split CSV (`object,split,label,image,mask`), so that `reconray evaluate
+    --data <csv>` scores exactly the validation split a sweep was scored on."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["object", "split", "label", "image", "mask"])
+        for sample in samples:
+            writer.writerow([sample.category, sample.split, "anomaly" if sample.label else "normal",
+                             _relative_to(sample.image, path.parent), _relative_to(sample.mask, path.parent)])
+    return path
+
+
+def _relative_to(file: str | None, folder: Path) -> str:
+    """`file` relative to `folder` when it lies inside it (a portable CSV), else its absolute path."""
+    if not file:
+        return ""
+    resolved = Path(file).resolve()
+    try:
+        return resolved.relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return str(resolved)
