@@ -1,4 +1,4 @@
-"""The `reconray` command line: run, fit, evaluate, predict and serve (contract in DESIGN.md).
+"""The `reconray` command line: run, fit, tune, evaluate, predict and serve (contract in DESIGN.md).
 
 Every command shows reconray's own lines and a progress bar per stage; Ray's output goes to the command's log file
 (`--log-file`, default below) and is shown with `--verbose`. A user error (`ReconrayError`: a bad dataset, artifact
@@ -67,16 +67,16 @@ def _parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", parents=[common], help="fit a method on normal training images")
     fit.add_argument("--data", required=True, help="MVTec AD / MVTec 3D-AD root or category, split CSV, or folder")
-    fit.add_argument("--method", required=True, choices=sorted(METHODS))
+    fit.add_argument("--method", choices=sorted(METHODS), help="required unless --config names it")
+    fit.add_argument("--config", type=Path, help="a setting to fit, e.g. the best.yaml of `reconray tune`: method, "
+                     "options, levels, image_size (flags and --set given here win)")
     fit.add_argument("--out", required=True, type=Path, help="artifact directory to write")
     fit.add_argument("--work-dir", type=Path,
                      help="feature cache, checkpoints and log (default <out>-work, beside the artifact)")
     fit.add_argument("--categories", help="comma-separated subset of categories")
     fit.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm model name (default %(default)s)")
     fit.add_argument("--weights", help="local backbone weights file (when the hub cannot be reached)")
-    fit.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="input side (default %(default)s)")
-    fit.add_argument("--levels", type=_levels, default=list(DEFAULT_LEVELS),
-                     help=f"backbone feature levels, comma-separated (default {','.join(map(str, DEFAULT_LEVELS))})")
+    _feature_arguments(fit)
     fit.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                      help="method option, repeatable (e.g. --set coreset_ratio=0.1)")
     fit.add_argument("--on-bad-image", choices=("error", "skip"), default="error")
@@ -87,6 +87,26 @@ def _parser() -> argparse.ArgumentParser:
                           help="a GPU per worker when the cluster has GPUs (default: yes)")
     training.add_argument("--max-failures", type=int, help="worker failures to recover from (default 3)")
     training.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 10)")
+
+    tune_parser = commands.add_parser("tune", parents=[common],
+                                      help="hyperparameter sweep on Ray Tune, scored on a validation split")
+    tune_parser.add_argument("--data", required=True, help="dataset whose training images are swept on")
+    tune_parser.add_argument("--method", required=True, choices=sorted(METHODS))
+    tune_parser.add_argument("--out", required=True, type=Path, help="sweep folder (rerun the command to resume)")
+    spaces = tune_parser.add_mutually_exclusive_group()
+    spaces.add_argument("--space", type=Path, help="search space YAML: key: value or key: {choice|grid|uniform|"
+                        "loguniform|randint: [...]}")
+    spaces.add_argument("--preset", help="a documented search space: the method's name (default)")
+    tune_parser.add_argument("--num-samples", type=int, default=16, help="trials (default %(default)s)")
+    tune_parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
+    tune_parser.add_argument("--objective", default="mean_auroc",
+                             help="mean_auroc (default), image_auroc, pixel_auroc or aupro, on the validation split")
+    tune_parser.add_argument("--time-budget-s", type=float, help="stop starting trials after this many seconds")
+    tune_parser.add_argument("--trial-cpus", type=float, default=1.0, help="CPUs per trial (default %(default)s)")
+    tune_parser.add_argument("--trial-gpus", type=float, default=0.0, help="GPUs per trial (default %(default)s)")
+    tune_parser.add_argument("--categories", help="comma-separated subset of categories")
+    tune_parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm model name (default %(default)s)")
+    _feature_arguments(tune_parser)
 
     evaluate = commands.add_parser("evaluate", parents=[common], help="metrics, report and heatmaps on a test split")
     evaluate.add_argument("--model", required=True, type=Path)
@@ -122,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-side", type=int,
                        help=f"largest accepted image side in pixels (default {_serve_default('max_side')})")
     return parser
+
+
+def _feature_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-size", type=int, help=f"input side (default {DEFAULT_IMAGE_SIZE})")
+    parser.add_argument("--levels", type=_levels,
+                        help=f"backbone feature levels, comma-separated (default {','.join(map(str, DEFAULT_LEVELS))})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,14 +194,30 @@ def _dispatch(args: argparse.Namespace) -> None:
         from reconray.pipelines.fit import fit_model
         from reconray.pipelines.fitting import TrainConfig
 
+        setting = _fit_setting(args)
         given = {"num_workers": args.num_workers, "cpus_per_worker": args.cpus_per_worker, "use_gpu": args.use_gpu,
                  "max_failures": args.max_failures, "checkpoint_every": args.checkpoint_every}
         training = _validated(TrainConfig, {key: value for key, value in given.items() if value is not None})
         fit_model(
-            args.data, args.method, args.out, categories=_categories(args.categories), backbone=args.backbone,
-            levels=args.levels, image_size=args.image_size, weights=args.weights, options=_key_values(args.options),
-            training=training, work_dir=args.work_dir, on_bad_image=args.on_bad_image,
+            args.data, setting["method"], args.out, categories=_categories(args.categories), backbone=args.backbone,
+            levels=setting["levels"], image_size=setting["image_size"], weights=args.weights,
+            options=setting["options"], training=training, work_dir=args.work_dir, on_bad_image=args.on_bad_image,
         )
+    elif args.command == "tune":
+        from reconray.pipelines.tune import PRESETS, load_space, tune_method
+
+        preset = args.preset or args.method
+        if args.space is None and preset not in PRESETS:
+            raise OptionError(f"no preset {preset!r}; presets: {sorted(PRESETS)} (or give --space FILE.yaml)")
+        summary = tune_method(
+            args.data, args.method, args.out, space=load_space(args.space) if args.space else PRESETS[preset],
+            num_samples=args.num_samples, max_concurrent=args.max_concurrent, objective=args.objective,
+            time_budget_s=args.time_budget_s, trial_cpus=args.trial_cpus, trial_gpus=args.trial_gpus,
+            categories=_categories(args.categories), backbone=args.backbone, levels=args.levels or DEFAULT_LEVELS,
+            image_size=args.image_size or DEFAULT_IMAGE_SIZE,
+        )
+        logger.info("best %s %.4f with %s: %s, %s", args.objective, summary.best_objective, summary.best_options,
+                    args.out / "best.yaml", args.out / "best")
     elif args.command == "evaluate":
         from reconray.pipelines.evaluate import evaluate_model
 
@@ -206,6 +248,29 @@ def _dispatch(args: argparse.Namespace) -> None:
         options = _validated(ServeOptions, {"model_dir": str(args.model)}
                              | {key: value for key, value in settings.items() if value is not None})
         serve_model(options, host=args.host, port=args.port)
+
+
+def _fit_setting(args: argparse.Namespace) -> dict[str, object]:
+    """Method, options and feature settings of `reconray fit`: from --config when given, the command line winning."""
+    config: dict[str, object] = {}
+    if args.config is not None:
+        import yaml
+
+        try:
+            config = yaml.safe_load(args.config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise OptionError(f"{args.config}: cannot read the fit setting ({error})") from error
+        if not isinstance(config, dict):
+            raise OptionError(f"{args.config}: expected a mapping with method, options, levels, image_size")
+    method = args.method or config.get("method")
+    if method not in METHODS:
+        raise OptionError(f"--method (or method: in --config) must be one of {sorted(METHODS)}, got {method!r}")
+    return {
+        "method": method,
+        "options": {**dict(config.get("options") or {}), **_key_values(args.options)},
+        "levels": args.levels or config.get("levels") or list(DEFAULT_LEVELS),
+        "image_size": args.image_size or config.get("image_size") or DEFAULT_IMAGE_SIZE,
+    }
 
 
 def _validated(model: type, values: dict[str, object]) -> object:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from reconray.methods.errors import OptionError
+from reconray.pipelines.cli import _fit_setting, _parser, main
 from reconray.pipelines.evaluate import evaluate_model
 from reconray.pipelines.tune import PRESETS, check_space, load_space, tune_method
 
@@ -68,3 +69,23 @@ def test_bad_search_spaces_are_refused_naming_the_key(tmp_path: Path) -> None:
         load_space(tmp_path / "empty.yaml")
     for method, preset in PRESETS.items():
         check_space(method, preset)  # the documented presets are valid spaces
+
+
+def test_the_cli_refuses_a_bad_space_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"k": {"uniform": [8, 4]}}))
+    code = main(["tune", "--data", str(tmp_path), "--method", "sgfr", "--out", str(tmp_path / "out"), "--space",
+                 str(space)])
+    assert code == 2
+    assert "'k': uniform needs [low, high] numbers with low < high, got [8, 4]" in capsys.readouterr().err
+
+
+def test_fit_config_takes_the_best_setting_and_the_command_line_wins(tmp_path: Path) -> None:
+    best = tmp_path / "best.yaml"
+    best.write_text(yaml.safe_dump({"method": "sgfr", "options": {"k": 16, "lam": 0.05}, "image_size": 128}))
+    args = _parser().parse_args(["fit", "--data", "d", "--out", "m", "--config", str(best), "--set", "k=4"])
+    assert _fit_setting(args) == {"method": "sgfr", "options": {"k": "4", "lam": 0.05}, "levels": [2, 3],
+                                  "image_size": 128}
+    args = _parser().parse_args(["fit", "--data", "d", "--out", "m", "--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(OptionError, match="missing.yaml: cannot read the fit setting"):
+        _fit_setting(args)
