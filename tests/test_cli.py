@@ -280,8 +280,8 @@ def test_the_console_shows_reconray_lines_and_ray_output_goes_to_the_log(synthet
     quiet = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0, quiet.stderr
     lines = [line for line in quiet.stderr.splitlines() if line.strip()]
-    assert lines[0] == "started a local Ray with 2 CPUs" or lines[0].startswith("started a local Ray")
-    assert any(line.startswith("fit patchcore: done in") for line in lines)
+    assert "started a local Ray with 2 CPUs" in lines and lines[0].startswith("validate images: 10 images in")
+    assert lines[-1].startswith("fit patchcore: done in")
     assert len(lines) <= 8 and not quiet.stdout.strip()
     for noise in ("INFO", "WARNING", "streaming_executor", "core_worker", "(raylet)", "pid="):
         assert noise not in quiet.stderr, f"{noise!r} reached the console:\n{quiet.stderr}"

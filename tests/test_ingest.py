@@ -134,9 +134,10 @@ def test_score_actors_match_the_in_process_scorer(
 
 
 def test_bank_fits_sharing_a_feature_cache_extract_once_and_build_the_same_bank(
-    ray_session, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_session, synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`reconray run` fits every method from one feature cache: the bank must equal the one fitted from the backbone."""
+    caplog.set_level("INFO", logger="reconray")
     options = {"coreset_ratio": 1.0}
     direct = fit_model(synthetic_root, "patchcore", tmp_path / "direct", categories=["nut"], image_size=64,
                        options=options)
@@ -145,7 +146,7 @@ def test_bank_fits_sharing_a_feature_cache_extract_once_and_build_the_same_bank(
                       options=options, feature_cache=cache)
     second = fit_model(synthetic_root, "sgfr", tmp_path / "second", categories=["nut"], image_size=64,
                        options={"basis_ratio": 0.5}, feature_cache=cache)
-    log = capsys.readouterr().out
+    log = caplog.text
     assert log.count("extracting features of") == 1 and log.count("reusing cached features") == 1
     assert len(list(cache.iterdir())) == 1
     banks = [load_artifact(result.model_dir).method.index for result in (direct, first)]
