@@ -89,3 +89,27 @@ def test_fit_config_takes_the_best_setting_and_the_command_line_wins(tmp_path: P
     args = _parser().parse_args(["fit", "--data", "d", "--out", "m", "--config", str(tmp_path / "missing.yaml")])
     with pytest.raises(OptionError, match="missing.yaml: cannot read the fit setting"):
         _fit_setting(args)
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on_and_a_finished_sweep_resumes(
+    ray_session, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """k beyond the basis size cannot be fitted: that trial fails with its error, the other one is the best; rerunning
+    the same sweep restores it instead of running its trials again."""
+    out = tmp_path / "sweep"
+    space = {"k": {"grid": [4, 100_000]}, "basis_ratio": 0.2}
+    run = {"space": space, "num_samples": 1, "categories": ["nut"], "image_size": 64}
+    first = tune_method(synthetic_root, "sgfr", out, **run)
+    by_k = {row["k"]: row for row in first.trials}
+    assert by_k[100_000]["status"] == "error" and "needs at least k=100000" in by_k[100_000]["error"]
+    assert by_k[4]["status"] == "ok" and first.best_options["k"] == 4
+    assert "needs at least k=100000" in (out / "results.md").read_text()
+    again = tune_method(synthetic_root, "sgfr", out, **run)
+    assert [row["fit_s"] for row in again.trials] == [row["fit_s"] for row in first.trials]  # restored, not rerun
+
+
+def test_a_sweep_whose_every_trial_fails_is_an_error_with_a_summary(ray_session, synthetic_root, tmp_path) -> None:
+    with pytest.raises(OptionError, match=r"every one of the 1 trials failed; errors: \[.*needs at least k=100000"):
+        tune_method(synthetic_root, "sgfr", tmp_path / "sweep", space={"k": 100_000}, num_samples=1,
+                    categories=["nut"], image_size=64)
+    assert (tmp_path / "sweep" / "results.csv").is_file()  # what was computed is kept
