@@ -245,19 +245,16 @@ def test_predict_and_model_errors(fitted_model: Path, files, tmp_path: Path, cap
     assert code == 2 and f"{tmp_path / 'nope.png'}: no such file or folder" in err
     code, _, err = _cli(capsys, "predict", "--model", fitted_model, "--out", tmp_path / "pred", f"{tmp_path}/*.jpg")
     assert code == 2 and f"{tmp_path}/*.jpg: pattern matches no image files" in err
-    code, _, err = _cli(capsys, "fit", "--data", tmp_path, "--method", "patchcore", "--out", tmp_path / "m",
-                        "--set", "coreset_ratio")
-    assert code == 2 and "--set expects key=value, got 'coreset_ratio'" in err
-    code, _, err = _cli(capsys, "fit", "--data", tmp_path, "--method", "patchcore", "--out", tmp_path / "m",
-                        "--set", "neighbours=3")
-    assert code == 2 and "unknown option(s) ['neighbours'] for method 'patchcore'" in err
-    # A bad value is refused before any image is read: the data folder here holds none at all.
-    code, _, err = _cli(capsys, "fit", "--data", tmp_path, "--method", "patchcore", "--out", tmp_path / "m",
-                        "--set", "index=foo")
-    assert code == 2 and "invalid option patchcore.index='foo': Input should be 'auto', 'flat' or 'ivf'" in err
-    code, _, err = _cli(capsys, "fit", "--data", tmp_path, "--method", "rlr", "--out", tmp_path / "m",
-                        "--num-workers", "0")
-    assert code == 2 and "num_workers: Input should be greater than or equal to 1" in err
+    # Bad settings are refused before any image is read: the data folder here holds none at all.
+    for method, setting, message in [
+        ("patchcore", ["--set", "coreset_ratio"], "--set expects key=value, got 'coreset_ratio'"),
+        ("patchcore", ["--set", "neighbours=3"], "unknown option(s) ['neighbours'] for method 'patchcore'"),
+        ("patchcore", ["--set", "index=foo"], "invalid option patchcore.index='foo': Input should be 'auto', 'flat' or "
+                                              "'ivf'"),
+        ("rlr", ["--num-workers", "0"], "num_workers: Input should be greater than or equal to 1"),
+    ]:
+        code, _, err = _cli(capsys, "fit", "--data", tmp_path, "--method", method, "--out", tmp_path / "m", *setting)
+        assert code == 2 and message in err, err
 
 
 @pytest.mark.integration  # starts reconray in a subprocess
