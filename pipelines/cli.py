@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     spaces.add_argument("--preset", help="a documented search space: the method's name (default)")
     tune_parser.add_argument("--num-samples", type=int, default=16, help="trials (default %(default)s)")
     tune_parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
+    tune_parser.add_argument("--search", default="random", choices=["random", "optuna"],
+                             help="random/grid search, or Optuna's model-based sampler (default %(default)s)")
     tune_parser.add_argument("--objective", default="mean_auroc",
                              help="mean_auroc (default), image_auroc, pixel_auroc or aupro, on the validation split")
     tune_parser.add_argument("--time-budget-s", type=float, help="stop starting trials after this many seconds")
@@ -211,8 +213,9 @@ def _dispatch(args: argparse.Namespace) -> None:
             raise OptionError(f"no preset {preset!r}; presets: {sorted(PRESETS)} (or give --space FILE.yaml)")
         summary = tune_method(
             args.data, args.method, args.out, space=load_space(args.space) if args.space else PRESETS[preset],
-            num_samples=args.num_samples, max_concurrent=args.max_concurrent, objective=args.objective,
-            time_budget_s=args.time_budget_s, trial_cpus=args.trial_cpus, trial_gpus=args.trial_gpus,
+            num_samples=args.num_samples, max_concurrent=args.max_concurrent, search=args.search,
+            objective=args.objective, time_budget_s=args.time_budget_s, trial_cpus=args.trial_cpus,
+            trial_gpus=args.trial_gpus,
             categories=_categories(args.categories), backbone=args.backbone, levels=args.levels or DEFAULT_LEVELS,
             image_size=args.image_size or DEFAULT_IMAGE_SIZE,
         )

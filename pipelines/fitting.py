@@ -45,6 +45,7 @@ class TrainConfig(pydantic.BaseModel):
         use_gpu: a GPU per worker when the cluster has GPUs (CPU otherwise).
         max_failures: worker failures a run recovers from by restarting from its last checkpoint.
         checkpoint_every: epochs between checkpoints (the last epoch is always checkpointed).
+        validate_every: epochs between scorings of the validation split, when the fit has one (and after the last).
     """
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
@@ -54,6 +55,7 @@ class TrainConfig(pydantic.BaseModel):
     use_gpu: bool = True
     max_failures: int = pydantic.Field(3, ge=0)
     checkpoint_every: int = pydantic.Field(10, ge=1)
+    validate_every: int = pydantic.Field(1, ge=1)
 
 
 def work_dir_for(out_dir: Path) -> Path:

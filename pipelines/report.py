@@ -183,22 +183,11 @@ def roc_plot(title: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) ->
     plot = Image.new("RGB", ROC_SIZE, _BACKGROUND)
     draw = ImageDraw.Draw(plot)
     font = _font(12)
-    left, top, right, bottom = 52, 30, ROC_SIZE[0] - 14, ROC_SIZE[1] - 44
-
-    def point(fpr: float, tpr: float) -> tuple[float, float]:
-        return left + fpr * (right - left), bottom - tpr * (bottom - top)
-
-    for tick in np.linspace(0.0, 1.0, 6):
-        (x, _), (_, y) = point(tick, 0.0), point(0.0, tick)
-        draw.line([(x, top), (x, bottom)], fill=(225, 225, 225))
-        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
-        text = f"{tick:.1f}"
-        width, height = _text_size(font, text)
-        draw.text((x - width / 2, bottom + 5), text, fill=_TEXT, font=font)
-        draw.text((left - width - 6, y - height / 2 - 2), text, fill=_TEXT, font=font)
+    ticks = [(tick, f"{tick:.1f}") for tick in np.linspace(0.0, 1.0, 6)]
+    point = _axes(plot, title, "false positive rate", "true positive rate", ticks, ticks, (0.0, 1.0), (0.0, 1.0))
+    left, top, right, bottom = _plot_box(ROC_SIZE)
     for start in np.arange(0.0, 1.0, 0.04):
         draw.line([point(start, start), point(start + 0.02, start + 0.02)], fill=(150, 150, 150))
-    draw.rectangle([left, top, right, bottom], outline=_TEXT)
 
     legend = []
     for index, (name, (labels, scores)) in enumerate(curves.items()):
@@ -215,16 +204,91 @@ def roc_plot(title: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) ->
         x = right - 10 - _text_size(font, text)[0]
         draw.line([(x - 24, y + line_height / 2), (x - 6, y + line_height / 2)], fill=colour, width=3)
         draw.text((x, y), text, fill=_TEXT, font=font)
+    return plot
 
-    draw.text(((ROC_SIZE[0] - _text_size(font, title)[0]) / 2, 8), title, fill=_TEXT, font=font)
-    x_label = "false positive rate"
-    draw.text(((left + right - _text_size(font, x_label)[0]) / 2, ROC_SIZE[1] - 20), x_label, fill=_TEXT, font=font)
-    y_label = "true positive rate"
+
+def scatter_plot(
+    title: str, x_label: str, y_label: str, xs: Sequence[Any], ys: Sequence[float], groups: Sequence[int] | None = None
+) -> Image.Image:
+    """One point per (x, y) on a plot of `ROC_SIZE`: numbers on a linear axis, or a log axis when they are positive
+    and span a factor of 10 or more; anything else (strings, booleans) as categories in sorted order. `groups`
+    colours each point by its index into `CURVE_COLOURS` (all the first colour when None)."""
+    plot = Image.new("RGB", ROC_SIZE, _BACKGROUND)
+    numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
+    if numeric:
+        values = np.asarray(xs, dtype=np.float64)
+        log = bool(values.min() > 0 and values.max() >= 10 * values.min())
+        positions = np.log10(values) if log else values
+        x_range = _padded(positions.min(), positions.max())
+        x_ticks = [(tick, f"{10 ** tick:.2g}" if log else f"{tick:.3g}") for tick in np.linspace(*x_range, 5)]
+    else:
+        categories = sorted({str(x) for x in xs})
+        positions = np.array([categories.index(str(x)) for x in xs], dtype=np.float64)
+        x_range = (-0.5, len(categories) - 0.5)
+        x_ticks = list(enumerate(categories))
+    y_range = _padded(min(ys), max(ys))
+    y_ticks = [(tick, f"{tick:.3f}") for tick in np.linspace(*y_range, 5)]
+    point = _axes(plot, title, x_label, y_label, x_ticks, y_ticks, x_range, y_range)
+    draw = ImageDraw.Draw(plot)
+    for x, y, group in zip(positions, ys, groups or [0] * len(ys), strict=True):
+        centre_x, centre_y = point(float(x), float(y))
+        colour = CURVE_COLOURS[group % len(CURVE_COLOURS)]
+        draw.ellipse([centre_x - 4, centre_y - 4, centre_x + 4, centre_y + 4], fill=colour, outline=_TEXT)
+    return plot
+
+
+def plot_grid(plots: Sequence[Image.Image], columns: int = 2) -> Image.Image:
+    """Plots of one size tiled in rows of `columns`."""
+    width, height = plots[0].size
+    rows = -(-len(plots) // columns)
+    grid = Image.new("RGB", (width * min(columns, len(plots)), height * rows), _BACKGROUND)
+    for index, plot in enumerate(plots):
+        grid.paste(plot, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def _padded(low: float, high: float) -> tuple[float, float]:
+    """An axis range around [low, high] with 5% room on each side (5% of the value, or 0.05, when they are equal)."""
+    pad = (high - low) * 0.05 if high > low else max(abs(low) * 0.05, 0.05)
+    return float(low - pad), float(high + pad)
+
+
+def _plot_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
+    return 64, 30, size[0] - 14, size[1] - 44
+
+
+def _axes(
+    plot: Image.Image, title: str, x_label: str, y_label: str, x_ticks: Sequence[tuple[float, str]],
+    y_ticks: Sequence[tuple[float, str]], x_range: tuple[float, float], y_range: tuple[float, float],
+) -> Any:
+    """Draws the frame, grid lines, tick labels, title and axis labels; returns the data → pixel mapping."""
+    draw = ImageDraw.Draw(plot)
+    font = _font(12)
+    left, top, right, bottom = _plot_box(plot.size)
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x_range[0]) / (x_range[1] - x_range[0]) * (right - left),
+                bottom - (y - y_range[0]) / (y_range[1] - y_range[0]) * (bottom - top))
+
+    for tick, text in x_ticks:
+        x = point(tick, y_range[0])[0]
+        draw.line([(x, top), (x, bottom)], fill=(225, 225, 225))
+        width = _text_size(font, text)[0]
+        draw.text((x - width / 2, bottom + 5), text, fill=_TEXT, font=font)
+    for tick, text in y_ticks:
+        y = point(x_range[0], tick)[1]
+        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
+        width, height = _text_size(font, text)
+        draw.text((max(2, left - width - 6), y - height / 2 - 2), text, fill=_TEXT, font=font)
+    draw.rectangle([left, top, right, bottom], outline=_TEXT)
+    draw.text(((plot.width - _text_size(font, title)[0]) / 2, 8), title, fill=_TEXT, font=font)
+    draw.text(((left + right - _text_size(font, x_label)[0]) / 2, plot.height - 20), x_label, fill=_TEXT, font=font)
+    line_height = _text_size(font, "Ag")[1] + 6
     label_image = Image.new("RGB", (_text_size(font, y_label)[0] + 4, line_height), _BACKGROUND)
     ImageDraw.Draw(label_image).text((2, 0), y_label, fill=_TEXT, font=font)
     rotated = label_image.rotate(90, expand=True)
     plot.paste(rotated, (4, int((top + bottom - rotated.height) / 2)))
-    return plot
+    return point
 
 
 def roc_section(out_dir: Path, scores: Mapping[str, ScoreEntries]) -> list[str]:

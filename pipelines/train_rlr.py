@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ import math
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from reconray.methods.rlr import RLR, epoch_record, jitter_seed, make_optimizer,
 from reconray.pipelines.console import stage
 from reconray.pipelines.fitting import FitContext, TrainConfig, register_distributed_fit
 from reconray.pipelines.ingest import level_columns, level_count
+from reconray.pipelines.validation import validation_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,15 @@ _SHUFFLE_BATCHES = 16
 """Local shuffle buffer, in batches: mixes categories within a shard without a full shuffle of the features."""
 _POLL_S = 0.5
 """How often the driver reads the epochs reported so far, to advance its progress bar."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationFeatures:
+    """The painted validation split's features (an object-store reference to a list of numpy batches with
+    `level_<n>`, `category`, `label` and `gt_mask`), scored by the rank-0 worker every `validate_every` epochs."""
+
+    batches: ray.ObjectRef
+    image_size: int
 
 
 @register_distributed_fit(RLR)
@@ -68,6 +80,8 @@ def train_rlr(
     run_dir: Path,
     training: TrainConfig | None = None,
     data_key: str = "",
+    validation: ValidationFeatures | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> RLR:
     """Trains `method`'s model on Ray Train and returns the fitted method, loaded from the final checkpoint.
 
@@ -78,6 +92,9 @@ def train_rlr(
         run_dir: Ray Train storage path; each run is a folder in it.
         training: workers, CPUs, GPUs, retries and checkpoint interval (None: `TrainConfig()`).
         data_key: identity of the training features (part of the run's name, so other data never resumes it).
+        validation: when given, every `training.validate_every` epochs (and after the last) the rank-0 worker scores
+            it and the epoch's report carries `validation.VALIDATION_METRICS`.
+        on_epoch: called on the driver with each finished epoch's record (a Tune trial passes `ray.tune.report`).
     """
     training = training or TrainConfig()
     columns, channels, grids = _feature_layout(train_features)
@@ -92,6 +109,8 @@ def train_rlr(
         "grids": grids,
         "threads": max(1, math.floor(training.cpus_per_worker)),
         "checkpoint_every": training.checkpoint_every,
+        "validate_every": training.validate_every,
+        "validation": validation,
         "epochs": epochs,
     }
     trainer = TorchTrainer(
@@ -109,7 +128,7 @@ def train_rlr(
         ),
         datasets={"train": _streamable(train_features, training.num_workers * training.cpus_per_worker)},
     )
-    result = _fit_showing_epochs(trainer, epochs, method.options.epochs)
+    result = _fit_showing_epochs(trainer, epochs, method.options.epochs, on_epoch)
     if result.checkpoint is None:
         raise RuntimeError(f"rlr run {name!r} in {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
@@ -150,7 +169,9 @@ class _EpochChannel:
         return self.records[count:]
 
 
-def _fit_showing_epochs(trainer: TorchTrainer, epochs: Any, total: int) -> ray.train.Result:
+def _fit_showing_epochs(
+    trainer: TorchTrainer, epochs: Any, total: int, on_epoch: Callable[[dict[str, Any]], None] | None
+) -> ray.train.Result:
     """Runs `trainer.fit()` in a thread while the driver advances an epoch progress bar from the posted records."""
     outcome: dict[str, Any] = {}
 
@@ -172,6 +193,8 @@ def _fit_showing_epochs(trainer: TorchTrainer, epochs: Any, total: int) -> ray.t
                     advance(record["resumed_from_epoch"])
                 logger.debug("rlr epoch %d: loss %.4f", record["epoch"], record["loss"])
                 advance(1)
+                if on_epoch is not None:
+                    on_epoch(_scalars(record))
             seen += len(records)
             if not thread.is_alive() and not records:
                 break
@@ -249,9 +272,13 @@ def _train_func(config: dict[str, Any]) -> None:
         now = time.perf_counter()
         record = epoch_record(epoch + 1, loss_sum, images, now - epoch_started, now - started, history, start_epoch)
         history = record["losses"]
+        validation = config["validation"]
+        last = epoch + 1 == options.epochs
+        if validation is not None and rank == 0 and (last or (epoch + 1) % config["validate_every"] == 0):
+            record |= _validate(method, model, config, validation)
         if rank == 0:
             config["epochs"].post.remote(record)
-        if epoch + 1 == options.epochs or (epoch + 1) % config["checkpoint_every"] == 0:
+        if last or (epoch + 1) % config["checkpoint_every"] == 0:
             with tempfile.TemporaryDirectory() as directory:
                 if rank == 0:
                     _write_checkpoint(Path(directory), model, optimizer, record)
@@ -259,6 +286,15 @@ def _train_func(config: dict[str, Any]) -> None:
                 ray.train.report(_scalars(record), checkpoint=checkpoint)
         else:
             ray.train.report(_scalars(record))
+
+
+def _validate(method: RLR, model: torch.nn.Module, config: dict[str, Any], validation: ValidationFeatures) -> dict:
+    """Scores the validation split with a copy of the current weights (training state stays untouched)."""
+    module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    scorer = RLR(**method.options.model_dump()).load_trained(module.state_dict(), config["channels"], config["grids"],
+                                                             {})
+    return validation_metrics(scorer.to(next(module.parameters()).device), ray.get(validation.batches),
+                              validation.image_size)
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, Any]:

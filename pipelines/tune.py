@@ -29,24 +29,38 @@ import ray
 import torch
 import yaml
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from scipy import stats
 
 from reconray.methods import METHODS, create_method
 from reconray.methods.artifact import ModelSpec
 from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_LEVELS, backbone_normalization
 from reconray.methods.errors import OptionError
-from reconray.methods.metrics import compute_metrics, mean_metrics
+from reconray.methods.rlr import RLR
 from reconray.methods.scoring import score_features
 from reconray.pipelines.console import stage
 from reconray.pipelines.datasets import Sample, discover, split_samples, validate
 from reconray.pipelines.fit import THRESHOLD_QUANTILE, fit_model
+from reconray.pipelines.fitting import FitContext, TrainConfig
 from reconray.pipelines.ingest import Resources, feature_dataset, level_tensors, plan_resources
+from reconray.pipelines.report import plot_grid, scatter_plot
 from reconray.pipelines.runtime import ensure_ray
-from reconray.pipelines.validation import carve, paint_validation_set, write_split_csv
+from reconray.pipelines.train_rlr import ValidationFeatures, train_rlr
+from reconray.pipelines.validation import (
+    VALIDATION_METRICS,
+    carve,
+    paint_validation_set,
+    validation_metrics,
+    write_split_csv,
+)
 
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("mean_auroc", "image_auroc", "pixel_auroc", "aupro")
 """What a sweep maximises on the validation split; `mean_auroc` is the mean of image and pixel AUROC."""
+ASHA_REDUCTION = 2
+"""ASHA stops an rlr trial below the median of those that reached the same rung (a quarter and a half of the longest
+setting's epochs)."""
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 FEATURE_KEYS = ("levels", "image_size")
 """Space keys that change the features rather than the method: features are extracted once per distinct value."""
@@ -65,9 +79,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "nprobe": {"choice": [2, 4, 8, 16]},
         "sampling": {"choice": ["sparse", "coreset", "random"]},
     },
+    "rlr": {
+        "lr": {"loguniform": [1e-4, 3e-3]},
+        "layers": {"choice": [1, 2]},
+        "d_model": {"choice": [32, 64]},
+        "heads": 4,
+        "jitter": {"choice": [1.0, 2.0, 4.0]},
+        "ref_len": {"choice": [1, 2]},
+        "epochs": {"choice": [8, 16]},
+    },
 }
 """Documented default search spaces per method: the options the method's notes name as the levers of quality and
-cost, over ranges around the defaults (`--preset NAME`)."""
+cost, over ranges around the defaults (`--preset NAME`). rlr's preset is CPU-sized (narrow, short models; the
+reference's width and 200 epochs are a GPU budget); ASHA stops its weak trials early."""
 
 
 @dataclasses.dataclass
@@ -150,6 +174,7 @@ def tune_method(
     space: dict[str, Any],
     num_samples: int = 16,
     max_concurrent: int | None = None,
+    search: str = "random",
     objective: str = "mean_auroc",
     time_budget_s: float | None = None,
     trial_cpus: float = 1.0,
@@ -169,6 +194,7 @@ def tune_method(
     """
     if objective not in OBJECTIVES:
         raise OptionError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
+    search_alg = _search_algorithm(search, space, seed)
     if num_samples < 1 or trial_cpus <= 0 or trial_gpus < 0:
         raise OptionError(f"num_samples must be >= 1 and trial_cpus > 0, got {num_samples} and {trial_cpus}")
     check_space(method, space)
@@ -177,18 +203,36 @@ def tune_method(
     carving = carve(train)
     painted = paint_validation_set(carving.validation, out_dir / "validation", seed=seed)
     write_split_csv(painted, out_dir / "validation" / "split.csv")
-    ensure_ray()
+    trains = issubclass(METHODS[method], RLR)
+    ensure_ray(dashboard=trains)
     resources = resources or plan_resources()
     specs = _feature_specs(space, backbone, list(levels), image_size)
     logger.info("tune %s: %d fit, %d calibration and %d validation images (%d painted), %d feature setting(s)",
                 method, len(carving.fit), len(carving.calibration), len(painted),
                 sum(sample.label for sample in painted), len(specs))
-    features = {key: _extract(spec, carving.fit, carving.calibration, painted, resources)
-                for key, spec in specs.items()}
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, method=method, features=features, default_key=_spec_key(levels, image_size)),
-        {"cpu": trial_cpus, "gpu": trial_gpus},
-    )
+    work_dir = out_dir / "work"
+    features = {}
+    for key, spec in specs.items():
+        features[key] = _extract(spec, {"calibration": carving.calibration, "validation": painted}
+                                 | ({} if trains else {"fit": carving.fit}), resources)
+        if trains:  # Ray Train workers read a dataset shard: the cached features, read into the object store once
+            context = FitContext(carving.fit, spec, resources, work_dir, feature_cache=work_dir / "cache")
+            features[key]["fit"] = context.cached_features().materialize()
+    setting = {"method": method, "features": features, "default_key": _spec_key(levels, image_size)}
+    training = TrainConfig(cpus_per_worker=trial_cpus, use_gpu=trial_gpus > 0, max_failures=0)
+    if trains:
+        # The driver function only waits on its TorchTrainer, whose worker holds the trial's CPUs and GPUs; Tune
+        # refuses an empty request, so the driver asks for one byte of memory and no CPU.
+        trainable = tune.with_resources(tune.with_parameters(_rlr_trial, training=training, **setting),
+                                        {"cpu": 0, "memory": 1})
+        max_concurrent = max_concurrent or max(1, math.floor(ray.cluster_resources().get("CPU", 1) / trial_cpus))
+        epochs = max(_candidate_values("epochs", space.get("epochs", METHODS[method].defaults()["epochs"])))
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 4),
+                                  reduction_factor=ASHA_REDUCTION, stop_last_trials=False)
+    else:
+        trainable = tune.with_resources(tune.with_parameters(_bank_trial, **setting),
+                                        {"cpu": trial_cpus, "gpu": trial_gpus})
+        scheduler = None
     sweep_dir = out_dir / "sweep"
     if tune.Tuner.can_restore(str(sweep_dir)):
         logger.info("resuming the sweep in %s: finished trials are kept", sweep_dir)
@@ -197,23 +241,46 @@ def tune_method(
         tuner = tune.Tuner(
             trainable,
             param_space=tune_param_space(space),
-            tune_config=tune.TuneConfig(metric=objective, mode="max", num_samples=num_samples,
-                                        max_concurrent_trials=max_concurrent, time_budget_s=time_budget_s),
+            tune_config=tune.TuneConfig(metric=objective, mode="max", num_samples=num_samples, scheduler=scheduler,
+                                        search_alg=search_alg, max_concurrent_trials=max_concurrent,
+                                        time_budget_s=time_budget_s),
             run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(out_dir),
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     started = time.perf_counter()
     results = tuner.fit()
     trials = [_trial_row(result, objective) for result in results]
-    summary = _summarize(trials, objective, method, out_dir)
+    summary = _summarize(trials, objective, method, out_dir, searched=[key for key, spec in space.items()
+                                                                        if isinstance(spec, dict)])
     best_features = {key: summary.best_features.get(key, default) for key, default in
                      (("levels", list(levels)), ("image_size", image_size))}
     fit_model(data, method, out_dir / "best", categories=categories, backbone=backbone, options=summary.best_options,
-              exclude=[sample.image for sample in carving.validation], resources=resources, **best_features)
+              exclude=[sample.image for sample in carving.validation], resources=resources, training=training,
+              work_dir=work_dir, feature_cache=work_dir / "cache", **best_features)
     logger.info("tune %s: %d trials (%d failed) in %.0f s; best %s %s", method, len(trials),
                 sum(row["status"] == "error" for row in trials), time.perf_counter() - started, objective,
                 f"{summary.best_objective:.4f}")
     return summary
+
+
+def _search_algorithm(search: str, space: dict[str, Any], seed: int) -> Any:
+    """None (Tune's random and grid search) or Optuna's TPE sampler, which learns from finished trials where to sample
+    next and so needs fewer trials for the same objective; it has no grids."""
+    if search == "random":
+        return None
+    if search != "optuna":
+        raise OptionError(f"unknown search {search!r}; choose 'random' or 'optuna'")
+    grids = [key for key, spec in space.items() if isinstance(spec, dict) and "grid" in spec]
+    if grids:
+        raise OptionError(f"--search optuna samples its own points: search space key(s) {grids} use 'grid'; use "
+                          "'choice' instead")
+    try:
+        import optuna  # noqa: F401  (OptunaSearch imports it lazily; fail here with the install hint)
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as error:
+        raise OptionError(f"--search optuna needs the optuna package: pip install 'reconray[tune]' ({error})") \
+            from error
+    return OptunaSearch(seed=seed)
 
 
 def _spec_key(levels: Sequence[int], image_size: int) -> str:
@@ -229,11 +296,10 @@ def _feature_specs(space: dict[str, Any], backbone: str, levels: list[int], imag
             for level_set in level_values for size in size_values}
 
 
-def _extract(spec: ModelSpec, fit: Sequence[Sample], calibration: Sequence[Sample], validation: Sequence[Sample],
-             resources: Resources) -> dict[str, Any]:
-    """Backbone features of the three sets, once, as object-store references the trials share."""
-    extracted = {}
-    for name, samples in (("fit", fit), ("calibration", calibration), ("validation", validation)):
+def _extract(spec: ModelSpec, sets: dict[str, Sequence[Sample]], resources: Resources) -> dict[str, Any]:
+    """Backbone features of each named set of images, once, as object-store references the trials share."""
+    extracted: dict[str, Any] = {"image_size": spec.image_size}
+    for name, samples in sets.items():
         batches = []
         with stage(f"tune: features of the {name} images", total=len(samples)) as advance:
             rows = feature_dataset(samples, spec, resources, masks=name == "validation")
@@ -243,64 +309,129 @@ def _extract(spec: ModelSpec, fit: Sequence[Sample], calibration: Sequence[Sampl
                 batches.append(kept)
                 advance(len(batch["image"]))
         extracted[name] = ray.put(batches)
-    extracted["image_size"] = spec.image_size
     return extracted
 
 
-def _trial(config: dict[str, Any], method: str, features: dict[str, Any], default_key: str) -> None:
-    """One trial: fit the method on the cached fit features, calibrate, score the validation split, report."""
-    torch.set_num_threads(max(1, math.floor(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))))
+def _trial_setting(config: dict[str, Any], features: dict[str, Any], default_key: str) -> tuple[dict, dict]:
+    """A trial's method options and the features of its feature setting (levels, image size)."""
     options = {key: value for key, value in config.items() if key not in FEATURE_KEYS}
     key = _spec_key(config.get("levels", []), config.get("image_size", 0)) if set(config) & set(FEATURE_KEYS) else None
-    data = features[key or default_key]
+    return options, features[key or default_key]
+
+
+def _threshold(model: Any, data: dict[str, Any]) -> float | None:
+    """The decision threshold `fit_model` would calibrate: a quantile of the calibration images' scores."""
     size = (data["image_size"], data["image_size"])
+    calibration = [score_features(model, level_tensors(batch), size)[0] for batch in ray.get(data["calibration"])]
+    return float(np.quantile(torch.cat(calibration).numpy(), THRESHOLD_QUANTILE)) if calibration else None
+
+
+def _bank_trial(config: dict[str, Any], method: str, features: dict[str, Any], default_key: str) -> None:
+    """A training-free method's trial: fit on the cached fit features in-process, calibrate, score the validation
+    split, report once."""
+    torch.set_num_threads(max(1, math.floor(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))))
+    options, data = _trial_setting(config, features, default_key)
     model = create_method(method, **options)
     started = time.perf_counter()
     model.fit([level_tensors(batch) for batch in ray.get(data["fit"])])
     fitted = time.perf_counter()
-    calibration = [score_features(model, level_tensors(batch), size)[0] for batch in ray.get(data["calibration"])]
-    threshold = float(np.quantile(torch.cat(calibration).numpy(), THRESHOLD_QUANTILE)) if calibration else None
-    per_category: dict[str, dict[str, list]] = {}
-    for batch in ray.get(data["validation"]):
-        scores, maps, _ = score_features(model, level_tensors(batch), size)
-        for row, category in enumerate(batch["category"]):
-            entry = per_category.setdefault(str(category), {"labels": [], "scores": [], "masks": [], "maps": []})
-            entry["labels"].append(int(batch["label"][row]))
-            entry["scores"].append(float(scores[row]))
-            entry["masks"].append(np.asarray(batch["gt_mask"][row], dtype=bool))
-            entry["maps"].append(maps[row].numpy())
-    metrics = mean_metrics({category: compute_metrics(np.array(entry["labels"]), np.array(entry["scores"]),
-                                                       np.stack(entry["masks"]), np.stack(entry["maps"]))
-                            for category, entry in per_category.items()})
-    image_auroc, pixel_auroc = metrics["image_auroc"], metrics["pixel_auroc"]
-    tune.report({
-        "mean_auroc": None if image_auroc is None or pixel_auroc is None else (image_auroc + pixel_auroc) / 2,
-        **{name: metrics[name] for name in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")},
-        "threshold": threshold,
-        "fit_s": fitted - started,
-        "score_s": time.perf_counter() - fitted,
-    })
+    threshold = _threshold(model, data)
+    metrics = validation_metrics(model, ray.get(data["validation"]), data["image_size"])
+    tune.report({**metrics, "threshold": threshold, "fit_s": fitted - started, "score_s": time.perf_counter() - fitted})
+
+
+def _rlr_trial(config: dict[str, Any], method: str, features: dict[str, Any], default_key: str,
+               training: TrainConfig) -> None:
+    """An rlr trial, a driver function as in Ray's Train + Tune guide: it builds and runs a `TorchTrainer`
+    (storage in the trial's own folder) whose rank-0 worker scores the validation split every epoch; the driver
+    reports each epoch's record with `ray.tune.report`, so ASHA can stop a weak trial early. A final report adds the
+    threshold and timings of the finished model."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    options, data = _trial_setting(config, features, default_key)
+    model = create_method(method, **options)
+    started = time.perf_counter()
+    epochs = model.options.epochs
+
+    def report_epoch(record: dict[str, Any]) -> None:
+        if record["epoch"] < epochs:  # the last epoch is reported once, below, with the threshold and timings
+            tune.report(record)
+
+    model = train_rlr(data["fit"], model, Path(tune.get_context().get_trial_dir()) / "train", training,
+                      validation=ValidationFeatures(data["validation"], data["image_size"]), on_epoch=report_epoch)
+    fitted = time.perf_counter()
+    threshold = _threshold(model, data)
+    final = {name: model.info.get(name) for name in (*VALIDATION_METRICS, "epoch", "loss")}
+    tune.report({**final, "threshold": threshold, "fit_s": fitted - started, "score_s": time.perf_counter() - fitted})
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    return f"{value:.4f}" if isinstance(value, float) else str(value).replace("|", "/")
+    return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "/")
 
 
 def _trial_row(result: Any, objective: str) -> dict[str, Any]:
-    """One trial as a flat row: its options, its validation metrics, timings and status (error text if it failed)."""
+    """One trial as a flat row: its options, its validation metrics, timings and status (error text if it failed).
+
+    A trial ASHA stopped early is `stopped` at the epoch it reached, with that epoch's metrics; only finished trials
+    compete for the best setting.
+    """
     metrics = result.metrics or {}
-    row = {key: value for key, value in (result.config or {}).items()}
-    row |= {name: metrics.get(name) for name in (*OBJECTIVES, "pixel_ap", "threshold", "fit_s", "score_s")}
-    row["status"] = "error" if result.error else "ok"
+    row = dict(result.config or {})
+    row |= {name: metrics.get(name) for name in (*VALIDATION_METRICS, "threshold", "fit_s", "score_s")}
+    row["trial_s"] = metrics.get("time_total_s")
+    if "epoch" in metrics:
+        row["epoch"] = metrics["epoch"]
+    stopped = "epoch" in metrics and metrics.get("fit_s") is None  # the final report, with timings, never came
+    row["status"] = "error" if result.error else "stopped" if stopped else "ok"
     row["error"] = str(result.error).strip().splitlines()[-1] if result.error else ""
     row["objective"] = metrics.get(objective)
     return row
 
 
-def _summarize(trials: list[dict[str, Any]], objective: str, method: str, out_dir: Path) -> SweepSummary:
-    """Writes results.csv, results.md and best.yaml; refuses a sweep in which every trial failed."""
+def parameter_influence(trials: Sequence[dict[str, Any]], parameters: Sequence[str]) -> dict[str, float]:
+    """How strongly the objective of the finished trials follows each parameter, in [0, 1], strongest first.
+
+    Numbers with three or more distinct values: |Spearman rank correlation| (monotone trends, any scale). Anything
+    else (choices of strings, two values): the correlation ratio, the share of the objective's spread explained by
+    the groups' means (its square root, so both read alike). A parameter with one value or a constant objective: 0.
+    """
+    finished = [row for row in trials if row["status"] == "ok" and row["objective"] is not None]
+    objective = np.array([row["objective"] for row in finished], dtype=np.float64)
+    influence = {}
+    for name in parameters:
+        values = [row.get(name) for row in finished]
+        distinct = {str(value) for value in values}
+        if len(distinct) < 2 or np.ptp(objective) == 0:
+            influence[name] = 0.0
+        elif len(distinct) >= 3 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            influence[name] = float(abs(stats.spearmanr(values, objective).statistic))
+        else:
+            groups = [objective[[str(value) == key for value in values]] for key in distinct]
+            between = sum(len(group) * (group.mean() - objective.mean()) ** 2 for group in groups)
+            influence[name] = float(np.sqrt(between / ((objective - objective.mean()) ** 2).sum()))
+    return dict(sorted(influence.items(), key=lambda item: -item[1]))
+
+
+def _plot(trials: Sequence[dict[str, Any]], objective: str, searched: Sequence[str], path: Path) -> None:
+    """objective.png: the objective of each trial in run order (blue: finished, orange: stopped early at the epoch
+    shown), then against the (up to) three parameters it follows most (`parameter_influence`)."""
+    shown = [(index, row) for index, row in enumerate(trials)
+             if row["status"] in ("ok", "stopped") and row["objective"] is not None]
+    if not shown:
+        return
+    ys = [row["objective"] for _, row in shown]
+    groups = [int(row["status"] == "stopped") for _, row in shown]
+    plots = [scatter_plot(f"{objective} of each trial", "trial", objective, [i for i, _ in shown], ys, groups)]
+    for name, strength in list(parameter_influence(trials, searched).items())[:3]:
+        plots.append(scatter_plot(f"{objective} against {name} (influence {strength:.2f})", name, objective,
+                                  [row[name] for _, row in shown], ys, groups))
+    plot_grid(plots).save(path)
+
+
+def _summarize(trials: list[dict[str, Any]], objective: str, method: str, out_dir: Path,
+               searched: Sequence[str]) -> SweepSummary:
+    """Writes results.csv, results.md, objective.png and best.yaml; refuses a sweep in which every trial failed."""
     columns = list(dict.fromkeys(key for row in trials for key in row))
     with (out_dir / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -309,7 +440,10 @@ def _summarize(trials: list[dict[str, Any]], objective: str, method: str, out_di
     lines = [f"# reconray tune: {method}, objective {objective} on the validation split", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(column)) for column in columns) + " |" for row in trials]
+    lines += ["", "Trials ASHA stopped early (`stopped`) show the metrics of the epoch they reached.", "",
+              "![objective across trials](objective.png)"]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(trials, objective, searched, out_dir / "objective.png")
     finished = [row for row in trials if row["status"] == "ok" and row["objective"] is not None]
     if not finished:
         errors = sorted({row["error"] for row in trials})

@@ -36,11 +36,12 @@ SYNTHETIC = SyntheticConfig(image_size=TEST_IMAGE_SIZE, n_train=10, n_test_good=
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """A local 2-CPU Ray shared by every test that needs one, whatever cluster the environment points at."""
+    """A local 2-CPU Ray shared by every test that needs one, whatever cluster the environment points at; with the
+    dashboard, whose State API lets Ray Train free the workers of a stopped rlr trial."""
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("RAY_ADDRESS", raising=False)
         if not ray.is_initialized():
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield
         ray.shutdown()

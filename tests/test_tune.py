@@ -6,11 +6,16 @@ import csv
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from reconray.methods.errors import OptionError
 from reconray.pipelines.cli import _fit_setting, _parser, main
@@ -30,11 +35,15 @@ def unreadable_test_split(synthetic_root: Path, tmp_path: Path) -> Path:
 
 
 def test_a_four_trial_sgfr_sweep_writes_its_table_and_best_setting(ray_session, unreadable_test_split, tmp_path):
+    """Optuna's sampler here (the random and grid search in the other sweeps); the test images cannot be opened."""
     space = {"k": {"choice": [4, 8]}, "lam": {"loguniform": [0.001, 0.1]}, "basis_ratio": 0.2}
     out = tmp_path / "sweep"
     summary = tune_method(unreadable_test_split, "sgfr", out, space=space, num_samples=4, categories=["nut"],
-                          image_size=64, trial_cpus=1.0)
+                          image_size=64, trial_cpus=1.0, search="optuna")
     assert len(summary.trials) == 4 and all(row["status"] == "ok" for row in summary.trials)
+    assert list((out / "sweep").glob("searcher-state-*"))  # Tune saved the Optuna searcher's state with the sweep
+    with Image.open(out / "objective.png") as plot:
+        assert plot.size == (880, 720)  # trials in order, then the objective against the two searched parameters
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4
@@ -64,6 +73,8 @@ def test_bad_search_spaces_are_refused_naming_the_key(tmp_path: Path) -> None:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(space))
         assert load_space(path) == space
+    with pytest.raises(OptionError, match=r"--search optuna samples its own points: search space key\(s\) \['k'\]"):
+        tune_method(tmp_path, "sgfr", tmp_path / "out", space={"k": {"grid": [4, 8]}}, search="optuna")
     (tmp_path / "empty.yaml").write_text("")
     with pytest.raises(OptionError, match="non-empty mapping"):
         load_space(tmp_path / "empty.yaml")
@@ -113,3 +124,66 @@ def test_a_sweep_whose_every_trial_fails_is_an_error_with_a_summary(ray_session,
         tune_method(synthetic_root, "sgfr", tmp_path / "sweep", space={"k": 100_000}, num_samples=1,
                     categories=["nut"], image_size=64)
     assert (tmp_path / "sweep" / "results.csv").is_file()  # what was computed is kept
+
+
+def test_an_rlr_asha_sweep_stops_the_weak_trial_early(ray_session, synthetic_root: Path, tmp_path: Path) -> None:
+    """Each rlr trial drives a TorchTrainer whose worker scores the validation split every epoch; at a learning rate
+    that barely moves the weights, the second trial falls far below the first by ASHA's rung at epoch 4 of 6 (rungs
+    1, 2, 4) and is stopped there."""
+    out = tmp_path / "sweep"
+    space = {"lr": {"grid": [3e-3, 1e-6]}, "d_model": 32, "heads": 4, "layers": 1, "epochs": 6}
+    summary = tune_method(synthetic_root, "rlr", out, space=space, num_samples=1, max_concurrent=1,
+                          categories=["nut"], image_size=64)
+    by_lr = {row["lr"]: row for row in summary.trials}
+    assert by_lr[3e-3]["status"] == "ok" and by_lr[3e-3]["epoch"] == 6 and by_lr[3e-3]["threshold"] is not None
+    assert by_lr[1e-6]["status"] == "stopped" and by_lr[1e-6]["epoch"] < 6 and by_lr[1e-6]["fit_s"] is None
+    assert summary.best_options["lr"] == 3e-3 and "stopped" in (out / "results.md").read_text()
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["method"] == "rlr" and config["options"]["lr"] == 3e-3 and config["threshold"] is not None
+    assert (out / "objective.png").is_file()
+
+
+@pytest.mark.integration  # the first sweep runs in a subprocess, killed with its Ray
+def test_a_sweep_whose_driver_was_killed_resumes_without_rerunning_finished_trials(
+    ray_session, synthetic_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sweep"
+    command = ["tune", "--data", str(synthetic_root), "--method", "sgfr", "--out", str(out), "--space",
+               str(tmp_path / "space.yaml"), "--num-samples", "1", "--max-concurrent", "1", "--categories", "nut",
+               "--image-size", "64"]
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"k": {"grid": [4, 6, 8]}, "basis_ratio": 0.2}))
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    driver = subprocess.Popen([sys.executable, "-m", "reconray.pipelines.cli", *command], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not _terminated_trials(out / "sweep"):
+            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no trial finished within 240 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-sweep
+        driver.wait()
+    finished = _terminated_trials(out / "sweep")
+    assert not (out / "results.csv").exists()
+    assert main(command) == 0
+    with (out / "results.csv").open() as handle:
+        rows = {int(row["k"]): row for row in csv.DictReader(handle)}
+    assert sorted(rows) == [4, 6, 8] and all(row["status"] == "ok" for row in rows.values())
+    for trial_id, fit_s in finished.items():  # kept from before the kill, not run again
+        assert any(float(row["fit_s"]) == fit_s for row in rows.values()), trial_id
+
+
+def _terminated_trials(sweep: Path) -> dict[str, float]:
+    """Trial id -> fit_s of the trials the sweep's saved state records as finished."""
+    finished = {}
+    for path in sweep.glob("experiment_state-*.json"):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):  # being rewritten
+            continue
+        for trial, runtime in state["trial_data"]:
+            trial, runtime = json.loads(trial), json.loads(runtime)
+            if trial.get("status") == "TERMINATED":
+                finished[trial["trial_id"]] = runtime["last_result"]["fit_s"]
+    return finished
