@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -102,6 +103,7 @@ class SweepSummary:
     best_options: dict[str, Any]
     best_features: dict[str, Any]
     best_objective: float
+    best_trial: str
     out_dir: Path
 
 
@@ -217,14 +219,15 @@ def tune_method(
                                  | ({} if trains else {"fit": carving.fit}), resources)
         if trains:  # Ray Train workers read a dataset shard: the cached features, read into the object store once
             context = FitContext(carving.fit, spec, resources, work_dir, feature_cache=work_dir / "cache")
-            features[key]["fit"] = context.cached_features().materialize()
+            features[key] |= {"fit": context.cached_features().materialize(), "data_key": context.feature_key()}
     setting = {"method": method, "features": features, "default_key": _spec_key(levels, image_size)}
     training = TrainConfig(cpus_per_worker=trial_cpus, use_gpu=trial_gpus > 0, max_failures=0)
     if trains:
         # The driver function only waits on its TorchTrainer, whose worker holds the trial's CPUs and GPUs; Tune
         # refuses an empty request, so the driver asks for one byte of memory and no CPU.
-        trainable = tune.with_resources(tune.with_parameters(_rlr_trial, training=training, **setting),
-                                        {"cpu": 0, "memory": 1})
+        trainable = tune.with_resources(
+            tune.with_parameters(_rlr_trial, training=training, trials_dir=work_dir / "trials", **setting),
+            {"cpu": 0, "memory": 1})
         max_concurrent = max_concurrent or max(1, math.floor(ray.cluster_resources().get("CPU", 1) / trial_cpus))
         epochs = max(_candidate_values("epochs", space.get("epochs", METHODS[method].defaults()["epochs"])))
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 4),
@@ -254,9 +257,11 @@ def tune_method(
                                                                         if isinstance(spec, dict)])
     best_features = {key: summary.best_features.get(key, default) for key, default in
                      (("levels", list(levels)), ("image_size", image_size))}
+    # An rlr fit resumes the best trial's finished run (same name: options and features), so it is not trained again.
     fit_model(data, method, out_dir / "best", categories=categories, backbone=backbone, options=summary.best_options,
               exclude=[sample.image for sample in carving.validation], resources=resources, training=training,
-              work_dir=work_dir, feature_cache=work_dir / "cache", **best_features)
+              work_dir=work_dir / "trials" / summary.best_trial if trains else work_dir,
+              feature_cache=work_dir / "cache", **best_features)
     logger.info("tune %s: %d trials (%d failed) in %.0f s; best %s %s", method, len(trials),
                 sum(row["status"] == "error" for row in trials), time.perf_counter() - started, objective,
                 f"{summary.best_objective:.4f}")
@@ -297,19 +302,21 @@ def _feature_specs(space: dict[str, Any], backbone: str, levels: list[int], imag
 
 
 def _extract(spec: ModelSpec, sets: dict[str, Sequence[Sample]], resources: Resources) -> dict[str, Any]:
-    """Backbone features of each named set of images, once, as object-store references the trials share."""
-    extracted: dict[str, Any] = {"image_size": spec.image_size}
-    for name, samples in sets.items():
-        batches = []
-        with stage(f"tune: features of the {name} images", total=len(samples)) as advance:
-            rows = feature_dataset(samples, spec, resources, masks=name == "validation")
-            for batch in rows.iter_batches(batch_size=resources.batch_size, batch_format="numpy"):
-                kept = {key: value for key, value in batch.items() if key.startswith("level_") or key in
-                        ("category", "label", "gt_mask")}
-                batches.append(kept)
-                advance(len(batch["image"]))
-        extracted[name] = ray.put(batches)
-    return extracted
+    """Backbone features of each named set of images, in one pass (one actor pool), as object-store references the
+    trials share: `{name: ref to a list of numpy batches}` plus the image size."""
+    home = {sample.image: name for name, samples in sets.items() for sample in samples}
+    batches: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in sets}
+    with stage(f"tune: features of the {' and '.join(sets)} images", total=len(home)) as advance:
+        rows = feature_dataset([sample for samples in sets.values() for sample in samples], spec, resources, masks=True)
+        for batch in rows.iter_batches(batch_size=resources.batch_size, batch_format="numpy"):
+            kept = {key: value for key, value in batch.items() if key.startswith("level_") or key in
+                    ("category", "label", "gt_mask")}
+            names = np.array([home[image] for image in batch["image"]])
+            for name in sets:
+                if (names == name).any():
+                    batches[name].append({key: value[names == name] for key, value in kept.items()})
+            advance(len(batch["image"]))
+    return {"image_size": spec.image_size} | {name: ray.put(parts) for name, parts in batches.items()}
 
 
 def _trial_setting(config: dict[str, Any], features: dict[str, Any], default_key: str) -> tuple[dict, dict]:
@@ -341,9 +348,10 @@ def _bank_trial(config: dict[str, Any], method: str, features: dict[str, Any], d
 
 
 def _rlr_trial(config: dict[str, Any], method: str, features: dict[str, Any], default_key: str,
-               training: TrainConfig) -> None:
+               training: TrainConfig, trials_dir: Path) -> None:
     """An rlr trial, a driver function as in Ray's Train + Tune guide: it builds and runs a `TorchTrainer`
-    (storage in the trial's own folder) whose rank-0 worker scores the validation split every epoch; the driver
+    (its run in `trials_dir/<trial id>/train`, named like `fit_model`'s so that `best/` reuses the trained model) whose
+    rank-0 worker scores the validation split every epoch; the driver
     reports each epoch's record with `ray.tune.report`, so ASHA can stop a weak trial early. A final report adds the
     threshold and timings of the finished model."""
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -356,8 +364,9 @@ def _rlr_trial(config: dict[str, Any], method: str, features: dict[str, Any], de
         if record["epoch"] < epochs:  # the last epoch is reported once, below, with the threshold and timings
             tune.report(record)
 
-    model = train_rlr(data["fit"], model, Path(tune.get_context().get_trial_dir()) / "train", training,
-                      validation=ValidationFeatures(data["validation"], data["image_size"]), on_epoch=report_epoch)
+    model = train_rlr(data["fit"], model, trials_dir / tune.get_context().get_trial_id() / "train", training,
+                      data_key=data["data_key"], validation=ValidationFeatures(data["validation"], data["image_size"]),
+                      on_epoch=report_epoch)
     fitted = time.perf_counter()
     threshold = _threshold(model, data)
     final = {name: model.info.get(name) for name in (*VALIDATION_METRICS, "epoch", "loss")}
@@ -377,7 +386,9 @@ def _trial_row(result: Any, objective: str) -> dict[str, Any]:
     compete for the best setting.
     """
     metrics = result.metrics or {}
-    row = dict(result.config or {})
+    params = Path(result.path) / "params.json"  # a trial that failed after a resume comes back without its config
+    config = result.config or (json.loads(params.read_text()) if params.is_file() else {})
+    row = {"trial_id": metrics.get("trial_id") or Path(result.path).name, **config}
     row |= {name: metrics.get(name) for name in (*VALIDATION_METRICS, "threshold", "fit_s", "score_s")}
     row["trial_s"] = metrics.get("time_total_s")
     if "epoch" in metrics:
@@ -454,4 +465,4 @@ def _summarize(trials: list[dict[str, Any]], objective: str, method: str, out_di
     features = {key: best[key] for key in FEATURE_KEYS if key in best}
     (out_dir / "best.yaml").write_text(yaml.safe_dump({"method": method, "options": options, **features,
                                                        objective: float(best["objective"])}, sort_keys=False))
-    return SweepSummary(trials, options, features, float(best["objective"]), out_dir)
+    return SweepSummary(trials, options, features, float(best["objective"]), best["trial_id"], out_dir)

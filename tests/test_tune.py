@@ -102,23 +102,6 @@ def test_fit_config_takes_the_best_setting_and_the_command_line_wins(tmp_path: P
         _fit_setting(args)
 
 
-def test_a_failing_trial_is_recorded_and_the_sweep_goes_on_and_a_finished_sweep_resumes(
-    ray_session, synthetic_root: Path, tmp_path: Path
-) -> None:
-    """k beyond the basis size cannot be fitted: that trial fails with its error, the other one is the best; rerunning
-    the same sweep restores it instead of running its trials again."""
-    out = tmp_path / "sweep"
-    space = {"k": {"grid": [4, 100_000]}, "basis_ratio": 0.2}
-    run = {"space": space, "num_samples": 1, "categories": ["nut"], "image_size": 64}
-    first = tune_method(synthetic_root, "sgfr", out, **run)
-    by_k = {row["k"]: row for row in first.trials}
-    assert by_k[100_000]["status"] == "error" and "needs at least k=100000" in by_k[100_000]["error"]
-    assert by_k[4]["status"] == "ok" and first.best_options["k"] == 4
-    assert "needs at least k=100000" in (out / "results.md").read_text()
-    again = tune_method(synthetic_root, "sgfr", out, **run)
-    assert [row["fit_s"] for row in again.trials] == [row["fit_s"] for row in first.trials]  # restored, not rerun
-
-
 def test_a_sweep_whose_every_trial_fails_is_an_error_with_a_summary(ray_session, synthetic_root, tmp_path) -> None:
     with pytest.raises(OptionError, match=r"every one of the 1 trials failed; errors: \[.*needs at least k=100000"):
         tune_method(synthetic_root, "sgfr", tmp_path / "sweep", space={"k": 100_000}, num_samples=1,
@@ -144,14 +127,17 @@ def test_an_rlr_asha_sweep_stops_the_weak_trial_early(ray_session, synthetic_roo
 
 
 @pytest.mark.integration  # the first sweep runs in a subprocess, killed with its Ray
-def test_a_sweep_whose_driver_was_killed_resumes_without_rerunning_finished_trials(
-    ray_session, synthetic_root: Path, tmp_path: Path
+def test_a_killed_sweep_resumes_records_a_failing_trial_and_a_finished_sweep_is_restored(
+    ray_session, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    """The driver is SIGKILLed (with the Ray it started) once a trial has finished; the same command resumes the
+    sweep without rerunning that trial. k beyond the basis size cannot be fitted: that trial is recorded as failed
+    with its error and the sweep goes on. Rerunning the finished sweep restores it instead of running trials again."""
     out = tmp_path / "sweep"
     command = ["tune", "--data", str(synthetic_root), "--method", "sgfr", "--out", str(out), "--space",
                str(tmp_path / "space.yaml"), "--num-samples", "1", "--max-concurrent", "1", "--categories", "nut",
                "--image-size", "64"]
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"k": {"grid": [4, 6, 8]}, "basis_ratio": 0.2}))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"k": {"grid": [4, 100_000, 8]}, "basis_ratio": 0.2}))
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     driver = subprocess.Popen([sys.executable, "-m", "reconray.pipelines.cli", *command], env=env, cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -167,11 +153,21 @@ def test_a_sweep_whose_driver_was_killed_resumes_without_rerunning_finished_tria
     finished = _terminated_trials(out / "sweep")
     assert not (out / "results.csv").exists()
     assert main(command) == 0
-    with (out / "results.csv").open() as handle:
-        rows = {int(row["k"]): row for row in csv.DictReader(handle)}
-    assert sorted(rows) == [4, 6, 8] and all(row["status"] == "ok" for row in rows.values())
+    rows = _results(out)
+    assert sorted(rows) == [4, 8, 100_000]
+    assert rows[100_000]["status"] == "error" and "needs at least k=100000" in rows[100_000]["error"]
+    assert rows[4]["status"] == rows[8]["status"] == "ok"
+    assert "needs at least k=100000" in (out / "results.md").read_text()
     for trial_id, fit_s in finished.items():  # kept from before the kill, not run again
-        assert any(float(row["fit_s"]) == fit_s for row in rows.values()), trial_id
+        assert float(rows[4]["fit_s"]) == fit_s and rows[4]["trial_id"] == trial_id
+    assert main(command) == 0
+    assert "resuming the sweep" in capsys.readouterr().err
+    assert _results(out) == rows  # restored, not rerun
+
+
+def _results(out: Path) -> dict[int, dict[str, str]]:
+    with (out / "results.csv").open() as handle:
+        return {int(row["k"]): row for row in csv.DictReader(handle)}
 
 
 def _terminated_trials(sweep: Path) -> dict[str, float]:
