@@ -66,14 +66,19 @@ def window_size(grid: int) -> int:
 
 
 def check_grid(grid: Sequence[int]) -> Grid:
-    """Returns `grid` as `(height, width)` after checking that MLKA leaves every position something to attend to."""
+    """Returns `grid` as `(height, width)` after checking that MLKA leaves every position something to attend to.
+
+    A position's window covers every row when `height <= 2 * half + 1` (the middle row's does) and every column
+    when `width <= 2 * half + 1`; with both, the middle position has every key blocked.
+    """
     height, width = (int(side) for side in grid)
     if height < 1 or width < 1:
         raise ValueError(f"grid {height}x{width} must have positive sides")
-    if height <= window_size(height) // 2 + 1 and width <= window_size(width) // 2 + 1:
+    window_h, window_w = window_size(height), window_size(width)
+    if height <= window_h and width <= window_w:  # the window of a side is 2 * half + 1
         raise ValueError(
-            f"grid {height}x{width} is too small: a {window_size(height)}x{window_size(width)} window covers the whole "
-            f"grid for some position, leaving MLKA nothing to attend to (need a side of at least 4)"
+            f"grid {height}x{width} is too small: a {window_h}x{window_w} window covers the whole grid for some "
+            f"position, leaving MLKA nothing to attend to (need a height above {window_h} or a width above {window_w})"
         )
     return height, width
 

@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--on-bad-image", choices=("error", "skip"), default="error")
     training = fit.add_argument_group("training on Ray Train (rlr)")
     training.add_argument("--num-workers", type=int, help="data-parallel workers (default 1)")
-    training.add_argument("--cpus-per-worker", type=float, help="CPUs per worker, fractional allowed (default 1)")
+    training.add_argument("--cpus-per-worker", type=float, help="CPUs per worker, fractional allowed "
+                          "(default: a node's every CPU for one worker, else 1)")
     training.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
                           help="a GPU per worker when the cluster has GPUs (default: yes)")
     training.add_argument("--max-failures", type=int, help="worker failures to recover from (default 3)")

@@ -41,7 +41,8 @@ class TrainConfig(pydantic.BaseModel):
 
     Attributes:
         num_workers: data-parallel workers (DDP).
-        cpus_per_worker: CPUs each worker reserves; torch runs that many threads (at least one).
+        cpus_per_worker: CPUs each worker reserves; torch runs that many threads (at least one). None: a single
+            worker takes every CPU of the largest node (a laptop trains on all its cores), several take one each.
         use_gpu: a GPU per worker when the cluster has GPUs (CPU otherwise).
         max_failures: worker failures a run recovers from by restarting from its last checkpoint.
         checkpoint_every: epochs between checkpoints (the last epoch is always checkpointed).
@@ -51,11 +52,20 @@ class TrainConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
     num_workers: int = pydantic.Field(1, ge=1)
-    cpus_per_worker: float = pydantic.Field(1.0, gt=0.0)
+    cpus_per_worker: float | None = pydantic.Field(None, gt=0.0)
     use_gpu: bool = True
     max_failures: int = pydantic.Field(3, ge=0)
     checkpoint_every: int = pydantic.Field(10, ge=1)
     validate_every: int = pydantic.Field(1, ge=1)
+
+
+def worker_cpus(training: TrainConfig) -> float:
+    """The CPUs each training worker reserves: the explicit setting, else see `TrainConfig.cpus_per_worker`."""
+    if training.cpus_per_worker is not None:
+        return training.cpus_per_worker
+    if training.num_workers > 1:
+        return 1.0
+    return max([node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]] or [1.0])
 
 
 def work_dir_for(out_dir: Path) -> Path:

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from reconray.methods.errors import DatasetError
 from reconray.methods.rlr import RLR, epoch_record, jitter_seed, make_optimizer, train_epoch
 from reconray.pipelines.console import stage
-from reconray.pipelines.fitting import FitContext, TrainConfig, register_distributed_fit
+from reconray.pipelines.fitting import FitContext, TrainConfig, register_distributed_fit, worker_cpus
 from reconray.pipelines.ingest import level_columns, level_count
 from reconray.pipelines.validation import validation_metrics
 
@@ -101,13 +101,15 @@ def train_rlr(
     name = run_name(method, data_key)
     _say_resume_or_fresh(Path(run_dir), name)
     use_gpu = training.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
+    cpus = worker_cpus(training)
+    logger.info("rlr: %d worker(s) with %g CPU(s)%s each", training.num_workers, cpus, " and a GPU" if use_gpu else "")
     epochs = _EpochChannel.remote()
     config = {
         "options": method.options.model_dump(),
         "columns": columns,
         "channels": channels,
         "grids": grids,
-        "threads": max(1, math.floor(training.cpus_per_worker)),
+        "threads": max(1, math.floor(cpus)),
         "checkpoint_every": training.checkpoint_every,
         "validate_every": training.validate_every,
         "validation": validation,
@@ -119,14 +121,14 @@ def train_rlr(
         scaling_config=ScalingConfig(
             num_workers=training.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": training.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
+            resources_per_worker={"CPU": cpus} | ({"GPU": 1} if use_gpu else {}),
         ),
         run_config=RunConfig(
             name=name,
             storage_path=str(Path(run_dir).resolve()),
             failure_config=FailureConfig(max_failures=training.max_failures),
         ),
-        datasets={"train": _streamable(train_features, training.num_workers * training.cpus_per_worker)},
+        datasets={"train": _streamable(train_features, training.num_workers * cpus)},
     )
     result = _fit_showing_epochs(trainer, epochs, method.options.epochs, on_epoch)
     if result.checkpoint is None:

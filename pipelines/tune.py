@@ -105,6 +105,8 @@ class SweepSummary:
     best_objective: float
     best_trial: str
     out_dir: Path
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Wall seconds of the sweep's stages: `features_s` (backbone, once), `trials_s` (every trial), `best_s`."""
 
 
 def load_space(path: str | Path) -> dict[str, Any]:
@@ -213,13 +215,14 @@ def tune_method(
                 method, len(carving.fit), len(carving.calibration), len(painted),
                 sum(sample.label for sample in painted), len(specs))
     work_dir = out_dir / "work"
-    features = {}
+    features, began = {}, time.perf_counter()
     for key, spec in specs.items():
         features[key] = _extract(spec, {"calibration": carving.calibration, "validation": painted}
                                  | ({} if trains else {"fit": carving.fit}), resources)
         if trains:  # Ray Train workers read a dataset shard: the cached features, read into the object store once
             context = FitContext(carving.fit, spec, resources, work_dir, feature_cache=work_dir / "cache")
             features[key] |= {"fit": context.cached_features().materialize(), "data_key": context.feature_key()}
+    features_s = time.perf_counter() - began
     setting = {"method": method, "features": features, "default_key": _spec_key(levels, image_size)}
     training = TrainConfig(cpus_per_worker=trial_cpus, use_gpu=trial_gpus > 0, max_failures=0)
     if trains:
@@ -246,12 +249,13 @@ def tune_method(
             param_space=tune_param_space(space),
             tune_config=tune.TuneConfig(metric=objective, mode="max", num_samples=num_samples, scheduler=scheduler,
                                         search_alg=search_alg, max_concurrent_trials=max_concurrent,
-                                        time_budget_s=time_budget_s),
+                                        time_budget_s=time_budget_s, reuse_actors=True),
             run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(out_dir),
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     started = time.perf_counter()
     results = tuner.fit()
+    trials_s = time.perf_counter() - started
     trials = [_trial_row(result, objective) for result in results]
     summary = _summarize(trials, objective, method, out_dir, searched=[key for key, spec in space.items()
                                                                         if isinstance(spec, dict)])
@@ -262,8 +266,10 @@ def tune_method(
               exclude=[sample.image for sample in carving.validation], resources=resources, training=training,
               work_dir=work_dir / "trials" / summary.best_trial if trains else work_dir,
               feature_cache=work_dir / "cache", **best_features)
-    logger.info("tune %s: %d trials (%d failed) in %.0f s; best %s %s", method, len(trials),
-                sum(row["status"] == "error" for row in trials), time.perf_counter() - started, objective,
+    summary.timing = {"features_s": features_s, "trials_s": trials_s,
+                      "best_s": time.perf_counter() - started - trials_s}
+    logger.info("tune %s: %d trials (%d failed) in %.0f s after %.0f s of features; best %s %s", method, len(trials),
+                sum(row["status"] == "error" for row in trials), trials_s, features_s, objective,
                 f"{summary.best_objective:.4f}")
     return summary
 

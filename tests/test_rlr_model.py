@@ -116,10 +116,21 @@ def test_lca_output_ignores_reference_tokens_outside_the_window():
     assert torch.equal(changed, expected)
 
 
-def test_grids_too_small_for_the_long_range_attention_are_refused():
-    with pytest.raises(ValueError, match="too small"):
-        check_grid((2, 2))
-    assert check_grid((4, 4)) == (4, 4)
+def test_a_grid_is_refused_exactly_when_some_position_has_every_long_range_key_blocked():
+    for grid in ((3, 3), (3, 2), (2, 3), (3, 1), (1, 3), (2, 2), (1, 1)):
+        with pytest.raises(ValueError, match=f"grid {grid[0]}x{grid[1]} is too small"):
+            check_grid(grid)
+    for grid in ((4, 4), (4, 1), (1, 4), (4, 3), (16, 16)):
+        assert check_grid(grid) == grid
+    for height in range(1, 8):  # against the mask itself: a row of all-True means nothing left for MLKA
+        for width in range(1, 8):
+            blocked = bool(local_window_mask(height, width).all(dim=1).any())
+            try:
+                check_grid((height, width))
+                refused = False
+            except ValueError:
+                refused = True
+            assert refused == blocked, (height, width)
 
 
 def test_architecture_errors_name_the_values():

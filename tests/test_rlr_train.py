@@ -16,7 +16,7 @@ import ray.train
 import torch
 
 from reconray.methods.rlr import RLR
-from reconray.pipelines.fitting import TrainConfig
+from reconray.pipelines.fitting import TrainConfig, worker_cpus
 from reconray.pipelines.train_rlr import PROGRESS_FILE, run_name, train_rlr
 
 
@@ -125,3 +125,9 @@ def test_a_worker_holding_every_cpu_still_gets_its_features(features, tmp_path):
     fitted = train_rlr(streamed, method, tmp_path / "runs", _training(cpus_per_worker=2.0, max_failures=0))
     assert fitted.info["epoch"] == 2
     assert sorted(_checkpointed_losses(tmp_path / "runs" / run_name(method, ""))) == [1, 2]
+
+
+def test_a_single_worker_takes_every_cpu_of_the_node_unless_told_otherwise(ray_session) -> None:
+    assert worker_cpus(TrainConfig()) == 2.0  # the session's Ray: one node with 2 CPUs
+    assert worker_cpus(TrainConfig(num_workers=2)) == 1.0
+    assert worker_cpus(TrainConfig(cpus_per_worker=0.5)) == 0.5
