@@ -7,6 +7,9 @@ trials per hour. Per-trial overhead is everything a trial slot spends besides th
 `(trials_s * concurrent slots - sum(fit_s + score_s)) / trials`, so Tune's scheduling, actor start-up and result
 handling are all in it.
 
+ASHA (`--rlr`): rlr's CPU-sized preset (8 trials) on the same synthetic category; per trial its epochs reached and
+status, and the time ASHA saved: for each stopped trial, its seconds per epoch times the epochs it did not run.
+
 Quality (`--data PATH --method NAME`): a `--num-samples` sweep of the method's preset on the dataset's training
 images, then the best setting (`best/`) and the method's defaults, fitted on the same images (training images minus
 the validation split), both evaluated on the validation split and on the test split, side by side. The sweep never
@@ -14,6 +17,7 @@ opens a test image; only this comparison does, after the choice is made.
 
 Usage:
     python benchmarks/tune_sweeps.py --speed --out runs/bench-tune/speed
+    python benchmarks/tune_sweeps.py --rlr --out runs/bench-tune/rlr
     python benchmarks/tune_sweeps.py --data ../shared/data/ksdd/split.csv --method sgfr --out runs/bench-tune/ksdd-sgfr
 
 Progress goes to the log (stderr); the result table to stdout (markdown, for RESULTS.md).
@@ -47,17 +51,23 @@ QUALITY = ("image_auroc", "pixel_auroc", "aupro")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--speed", action="store_true", help="8- and 32-trial sgfr sweeps on one synthetic category")
+    parser.add_argument("--rlr", action="store_true", help="an 8-trial rlr ASHA sweep on one synthetic category")
     parser.add_argument("--data", help="dataset to sweep on (its test split is read only for the comparison)")
     parser.add_argument("--method", choices=sorted(PRESETS), default="sgfr")
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    if not (args.speed or args.data):
-        parser.error("give --speed or --data")
+    if not (args.speed or args.rlr or args.data):
+        parser.error("give --speed, --rlr or --data")
     with console_session(None):
-        ensure_ray()
-        print("\n".join(speed(args.out) if args.speed else quality(args.data, args.method, args.num_samples,
-                                                                       args.out)))
+        ensure_ray(dashboard=args.rlr)
+        if args.speed:
+            lines = speed(args.out)
+        elif args.rlr:
+            lines = asha(args.out)
+        else:
+            lines = quality(args.data, args.method, args.num_samples, args.out)
+        print("\n".join(lines))
 
 
 def speed(out: Path) -> list[str]:
@@ -77,6 +87,24 @@ def speed(out: Path) -> list[str]:
                      f"{timing['best_s']:.0f} | {overhead:.2f} | {3600 * trials / timing['trials_s']:.0f} | "
                      f"{summary.best_objective:.4f} |")
     return lines
+
+
+def asha(out: Path) -> list[str]:
+    data = make_synthetic_dataset(out / "data", SyntheticConfig(categories=(SPEED_CATEGORY,)))
+    summary = tune_method(data, "rlr", out / "sweep", space=PRESETS["rlr"], num_samples=8)
+    names = [key for key, spec in PRESETS["rlr"].items() if isinstance(spec, dict)]
+    lines = ["| " + " | ".join([*names, "epoch", "status", "trial s", "mean_auroc", "saved s"]) + " |",
+             "|" + "---|" * (len(names) + 5)]
+    saved_total = 0.0
+    for row in summary.trials:
+        saved = row["trial_s"] / row["epoch"] * (row["epochs"] - row["epoch"]) if row["status"] == "stopped" else 0.0
+        saved_total += saved
+        cells = [f"{row[name]:.3g}" if isinstance(row[name], float) else str(row[name]) for name in names]
+        lines.append("| " + " | ".join([*cells, str(row["epoch"]), row["status"], f"{row['trial_s']:.0f}",
+                                        f"{row['mean_auroc']:.4f}", f"{saved:.0f}"]) + " |")
+    trial_total = sum(row["trial_s"] for row in summary.trials)
+    return [*lines, "", _sweep_line(summary), f"; trial time {trial_total:.0f} s, ASHA saved about {saved_total:.0f} s "
+            f"({saved_total / (trial_total + saved_total):.0%} of running every trial to the end)"]
 
 
 def quality(data: str, method: str, num_samples: int, out: Path) -> list[str]:

@@ -49,6 +49,7 @@ from reconray.pipelines.runtime import ensure_ray
 from reconray.pipelines.train_rlr import ValidationFeatures, train_rlr
 from reconray.pipelines.validation import (
     VALIDATION_METRICS,
+    Carving,
     carve,
     paint_validation_set,
     validation_metrics,
@@ -215,13 +216,9 @@ def tune_method(
                 method, len(carving.fit), len(carving.calibration), len(painted),
                 sum(sample.label for sample in painted), len(specs))
     work_dir = out_dir / "work"
-    features, began = {}, time.perf_counter()
-    for key, spec in specs.items():
-        features[key] = _extract(spec, {"calibration": carving.calibration, "validation": painted}
-                                 | ({} if trains else {"fit": carving.fit}), resources)
-        if trains:  # Ray Train workers read a dataset shard: the cached features, read into the object store once
-            context = FitContext(carving.fit, spec, resources, work_dir, feature_cache=work_dir / "cache")
-            features[key] |= {"fit": context.cached_features().materialize(), "data_key": context.feature_key()}
+    began = time.perf_counter()
+    features = {key: _sweep_features(spec, carving, painted, resources, work_dir, trains)
+                for key, spec in specs.items()}
     features_s = time.perf_counter() - began
     setting = {"method": method, "features": features, "default_key": _spec_key(levels, image_size)}
     training = TrainConfig(cpus_per_worker=trial_cpus, use_gpu=trial_gpus > 0, max_failures=0)
@@ -232,9 +229,7 @@ def tune_method(
             tune.with_parameters(_rlr_trial, training=training, trials_dir=work_dir / "trials", **setting),
             {"cpu": 0, "memory": 1})
         max_concurrent = max_concurrent or max(1, math.floor(ray.cluster_resources().get("CPU", 1) / trial_cpus))
-        epochs = max(_candidate_values("epochs", space.get("epochs", METHODS[method].defaults()["epochs"])))
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 4),
-                                  reduction_factor=ASHA_REDUCTION, stop_last_trials=False)
+        scheduler = _asha(method, space)
     else:
         trainable = tune.with_resources(tune.with_parameters(_bank_trial, **setting),
                                         {"cpu": trial_cpus, "gpu": trial_gpus})
@@ -272,6 +267,26 @@ def tune_method(
                 sum(row["status"] == "error" for row in trials), trials_s, features_s, objective,
                 f"{summary.best_objective:.4f}")
     return summary
+
+
+def _sweep_features(spec: ModelSpec, carving: Carving, painted: Sequence[Sample], resources: Resources,
+                    work_dir: Path, trains: bool) -> dict[str, Any]:
+    """The features every trial of one feature setting reads. Ray Train workers read a dataset shard, so a trained
+    method gets its fit features as the Parquet cache (`fit_model`'s, for `best/`) read into the object store once."""
+    if not trains:
+        return _extract(spec, {"calibration": carving.calibration, "validation": painted, "fit": carving.fit},
+                        resources)
+    features = _extract(spec, {"calibration": carving.calibration, "validation": painted}, resources)
+    context = FitContext(carving.fit, spec, resources, work_dir, feature_cache=work_dir / "cache")
+    return features | {"fit": context.cached_features().materialize(), "data_key": context.feature_key()}
+
+
+def _asha(method: str, space: dict[str, Any]) -> ASHAScheduler:
+    """ASHA over epochs, up to the longest setting's (see `ASHA_REDUCTION`). A trial that reaches its last epoch is
+    never stopped there (`stop_last_trials=False`), so its final report, with threshold and timings, arrives."""
+    epochs = max(_candidate_values("epochs", space.get("epochs", METHODS[method].defaults()["epochs"])))
+    return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=max(1, epochs // 4),
+                         reduction_factor=ASHA_REDUCTION, stop_last_trials=False)
 
 
 def _search_algorithm(search: str, space: dict[str, Any], seed: int) -> Any:

@@ -20,7 +20,7 @@ from PIL import Image
 from reconray.methods.errors import OptionError
 from reconray.pipelines.cli import _fit_setting, _parser, main
 from reconray.pipelines.evaluate import evaluate_model
-from reconray.pipelines.tune import PRESETS, check_space, load_space, tune_method
+from reconray.pipelines.tune import PRESETS, check_space, load_space, parameter_influence, tune_method
 
 
 @pytest.fixture
@@ -183,3 +183,15 @@ def _terminated_trials(sweep: Path) -> dict[str, float]:
             if trial.get("status") == "TERMINATED":
                 finished[trial["trial_id"]] = runtime["last_result"]["fit_s"]
     return finished
+
+
+def test_parameter_influence_ranks_what_the_objective_follows() -> None:
+    rows = [{"lr": lr, "kind": kind, "fixed": 1, "status": "ok", "objective": objective}
+            for lr, kind, objective in ((1e-4, "a", 0.5), (1e-3, "b", 0.7), (1e-2, "a", 0.6), (1e-1, "b", 0.9))]
+    rows.append({"lr": 1.0, "kind": "a", "fixed": 1, "status": "error", "objective": None})  # failed: ignored
+    influence = parameter_influence(rows, ["kind", "lr", "fixed"])
+    assert list(influence) == ["kind", "lr", "fixed"]  # strongest first
+    assert influence["lr"] == pytest.approx(0.8)  # Spearman of ranks (1, 3, 2, 4) against (1, 2, 3, 4)
+    # kind: group means 0.55 (a) and 0.8 (b) around 0.675; between 4 * 0.125^2 = 0.0625, total 0.0875
+    assert influence["kind"] == pytest.approx((0.0625 / 0.0875) ** 0.5)
+    assert influence["fixed"] == 0.0
