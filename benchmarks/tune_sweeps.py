@@ -8,7 +8,8 @@ trials per hour. Per-trial overhead is everything a trial slot spends besides th
 handling are all in it.
 
 ASHA (`--rlr`): rlr's CPU-sized preset (8 trials) on the same synthetic category; per trial its epochs reached and
-status, and the time ASHA saved: for each stopped trial, its seconds per epoch times the epochs it did not run.
+status, and the time ASHA saved: for each stopped trial, its training seconds per epoch (the worker's, without the
+trial's start-up) times the epochs it did not run.
 
 Quality (`--data PATH --method NAME`): a `--num-samples` sweep of the method's preset on the dataset's training
 images, then the best setting (`best/`) and the method's defaults, fitted on the same images (training images minus
@@ -97,14 +98,16 @@ def asha(out: Path) -> list[str]:
              "|" + "---|" * (len(names) + 5)]
     saved_total = 0.0
     for row in summary.trials:
-        saved = row["trial_s"] / row["epoch"] * (row["epochs"] - row["epoch"]) if row["status"] == "stopped" else 0.0
+        stopped = row["status"] == "stopped"
+        saved = row["train_s"] / row["epoch"] * (row["epochs"] - row["epoch"]) if stopped else 0.0
         saved_total += saved
         cells = [f"{row[name]:.3g}" if isinstance(row[name], float) else str(row[name]) for name in names]
         lines.append("| " + " | ".join([*cells, str(row["epoch"]), row["status"], f"{row['trial_s']:.0f}",
                                         f"{row['mean_auroc']:.4f}", f"{saved:.0f}"]) + " |")
     trial_total = sum(row["trial_s"] for row in summary.trials)
-    return [*lines, "", _sweep_line(summary), f"; trial time {trial_total:.0f} s, ASHA saved about {saved_total:.0f} s "
-            f"({saved_total / (trial_total + saved_total):.0%} of running every trial to the end)"]
+    return [*lines, "", f"{_sweep_line(summary)}; trial time {trial_total:.0f} s, ASHA saved about "
+            f"{saved_total:.0f} s of training ({saved_total / (trial_total + saved_total):.0%} of running every trial "
+            "to the end)"]
 
 
 def quality(data: str, method: str, num_samples: int, out: Path) -> list[str]:

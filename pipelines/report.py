@@ -42,7 +42,9 @@ CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (
             (227, 119, 194), (127, 127, 127))
 """Curve colours of the ROC plots, one per method in order (matplotlib's tab10)."""
 ROC_SIZE = (440, 360)
-"""Width and height of a ROC plot in pixels."""
+"""Width and height of a ROC plot (and of a scatter plot) in pixels."""
+CATEGORICAL_MAX = 4
+"""A scatter plot's numbers with this many distinct values or fewer (a choice among a few) get one column each."""
 
 _COLORMAP_ANCHORS = np.array(
     [[0, 0, 0.5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [0.5, 0, 0]], dtype=np.float32
@@ -211,19 +213,21 @@ def scatter_plot(
     title: str, x_label: str, y_label: str, xs: Sequence[Any], ys: Sequence[float], groups: Sequence[int] | None = None
 ) -> Image.Image:
     """One point per (x, y) on a plot of `ROC_SIZE`: numbers on a linear axis, or a log axis when they are positive
-    and span a factor of 10 or more; anything else (strings, booleans) as categories in sorted order. `groups`
+    and span a factor of 10 or more; anything else (strings, booleans, numbers with at most `CATEGORICAL_MAX`
+    distinct values) as categories in sorted order. `groups`
     colours each point by its index into `CURVE_COLOURS` (all the first colour when None)."""
     plot = Image.new("RGB", ROC_SIZE, _BACKGROUND)
-    numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
-    if numeric:
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
+    if numbers and len(set(xs)) > CATEGORICAL_MAX:
         values = np.asarray(xs, dtype=np.float64)
         log = bool(values.min() > 0 and values.max() >= 10 * values.min())
         positions = np.log10(values) if log else values
         x_range = _padded(positions.min(), positions.max())
         x_ticks = [(tick, f"{10 ** tick:.2g}" if log else f"{tick:.3g}") for tick in np.linspace(*x_range, 5)]
     else:
-        categories = sorted({str(x) for x in xs})
-        positions = np.array([categories.index(str(x)) for x in xs], dtype=np.float64)
+        label = (lambda x: f"{x:.3g}") if numbers else str
+        categories = [label(x) for x in sorted(set(xs), key=lambda x: x if numbers else str(x))]
+        positions = np.array([categories.index(label(x)) for x in xs], dtype=np.float64)
         x_range = (-0.5, len(categories) - 0.5)
         x_ticks = list(enumerate(categories))
     y_range = _padded(min(ys), max(ys))

@@ -412,8 +412,8 @@ def _trial_row(result: Any, objective: str) -> dict[str, Any]:
     row = {"trial_id": metrics.get("trial_id") or Path(result.path).name, **config}
     row |= {name: metrics.get(name) for name in (*VALIDATION_METRICS, "threshold", "fit_s", "score_s")}
     row["trial_s"] = metrics.get("time_total_s")
-    if "epoch" in metrics:
-        row["epoch"] = metrics["epoch"]
+    if "epoch" in metrics:  # a trained method: the epochs reached and the seconds spent training them
+        row |= {"epoch": metrics["epoch"], "train_s": metrics.get("elapsed_s")}
     stopped = "epoch" in metrics and metrics.get("fit_s") is None  # the final report, with timings, never came
     row["status"] = "error" if result.error else "stopped" if stopped else "ok"
     row["error"] = str(result.error).strip().splitlines()[-1] if result.error else ""
