@@ -74,6 +74,11 @@ class AnomalyMethod(ABC):
         """Every accepted option with its default value."""
         return cls.Options().model_dump()
 
+    @property
+    def selects_on_validation(self) -> bool:
+        """Whether fitting holds out a validation split to choose among training states (RLR's checkpoints)."""
+        return False
+
     @abstractmethod
     def fit(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
         """Learns nominal features from batches of per-level features of normal images, in this process."""

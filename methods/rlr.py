@@ -479,6 +479,11 @@ def train_epoch(
     return loss_sum, images
 
 
+def budget_spent(options: RLR.Options, elapsed_s: float) -> bool:
+    """Whether `options.time_budget_s` seconds of training are used up (never, without a budget)."""
+    return options.time_budget_s is not None and elapsed_s >= options.time_budget_s
+
+
 def jitter_seed(seed: int, start_epoch: int, rank: int) -> int:
     """Seed of the feature-jitter noise of one worker from one start: a resumed or restarted worker and every rank of a
     run draw fresh noise instead of replaying the sequence of another."""
@@ -509,8 +514,11 @@ class RLR(AnomalyMethod):
     checkpoints are `reconray.pipelines` training settings): epochs, lr, batch_size (per worker), layers, d_model
     (finest level; doubled per coarser level), heads, ref_len, jitter (feature-jitter scale), precision ("auto":
     bfloat16 autocast on hardware with native bfloat16 matmuls, see `resolve_precision`; "float32"; "bfloat16"),
-    seed. Defaults are the reference's; a CPU-sized run is `d_model=64 layers=2 heads=4 epochs=5`. The device is
-    chosen at run time (CUDA when present).
+    seed, time_budget_s (training ends after the first epoch that finishes past this many seconds of training,
+    earlier attempts of a resumed run included; `epochs` still bounds it), select ("validation": a distributed fit
+    holds out a validation split of the training images, scores it during training and keeps the best checkpoint;
+    "last": trains on every image and keeps the last epoch). Defaults are the reference's; a CPU-sized run is
+    `d_model=64 layers=2 heads=4 epochs=5`. The device is chosen at run time (CUDA when present).
     """
 
     class Options(MethodOptions):
@@ -524,6 +532,8 @@ class RLR(AnomalyMethod):
         jitter: float = Field(4.0, ge=0.0)
         precision: Literal["auto", "float32", "bfloat16"] = "auto"
         seed: int = 0
+        time_budget_s: float | None = Field(None, gt=0.0)
+        select: Literal["validation", "last"] = "validation"
 
         @model_validator(mode="after")
         def _check_width(self) -> RLR.Options:
@@ -538,6 +548,10 @@ class RLR(AnomalyMethod):
         self.model: RLRModel | None = None
         self.device = pick_device()
         self.info: dict[str, Any] = {}
+
+    @property
+    def selects_on_validation(self) -> bool:
+        return self.options.select == "validation"
 
     def build_model(self, channels: Sequence[int], grids: Sequence[Sequence[int]]) -> RLRModel:
         """Returns a freshly initialised model for these levels (seeded, so every Ray worker starts alike)."""
@@ -575,6 +589,8 @@ class RLR(AnomalyMethod):
             now = time.perf_counter()
             record = epoch_record(epoch + 1, loss_sum, images, now - epoch_started, now - started,
                                   record.get("losses", []))
+            if budget_spent(self.options, record["elapsed_s"]):
+                break
         self.load_trained(model.state_dict(), channels, grids, record)
 
     def load_trained(

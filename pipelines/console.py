@@ -28,6 +28,8 @@ from typing import IO
 from tqdm import tqdm
 
 LOGGER_NAME = "reconray"
+FILE_ONLY_LOGGER = f"{LOGGER_NAME}.log_file"
+"""Records of this logger reach the log file but not the console: per-epoch detail of long runs."""
 _LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _console: IO[str] | None = None
@@ -70,7 +72,7 @@ def console_session(log_file: Path | None, verbose: bool = False) -> Iterator[No
     console_handler = logging.StreamHandler(terminal)
     console_handler.setFormatter(logging.Formatter("%(message)s"))
     if not verbose:
-        console_handler.addFilter(logging.Filter(LOGGER_NAME))
+        console_handler.addFilter(_console_record)
     handlers.append(console_handler)
     for handler in handlers:
         root.addHandler(handler)
@@ -93,6 +95,12 @@ def console_session(log_file: Path | None, verbose: bool = False) -> Iterator[No
                 os.dup2(original, descriptor)
                 os.close(original)
             terminal.close()
+
+
+def _console_record(record: logging.LogRecord) -> bool:
+    """reconray's own records, except the per-step detail meant for the log file only."""
+    return (record.name == LOGGER_NAME or record.name.startswith(f"{LOGGER_NAME}.")) and not (
+        record.name == FILE_ONLY_LOGGER or record.name.startswith(f"{FILE_ONLY_LOGGER}."))
 
 
 @contextlib.contextmanager

@@ -20,12 +20,13 @@ import numpy as np
 from reconray.methods import create_method
 from reconray.methods.artifact import FitRecord, ModelSpec, save_artifact, set_threshold
 from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_LEVELS, backbone_normalization
+from reconray.methods.errors import DatasetError
 from reconray.pipelines.console import stage
 from reconray.pipelines.datasets import Sample, discover, split_samples, validate
 from reconray.pipelines.fitting import FitContext, TrainConfig, distributed_fit, work_dir_for
 from reconray.pipelines.ingest import Resources, plan_resources, score_dataset
 from reconray.pipelines.runtime import ensure_ray
-from reconray.pipelines.validation import calibration_split
+from reconray.pipelines.validation import calibration_split, carve, paint_validation_set
 
 logger = logging.getLogger(__name__)
 
@@ -71,24 +72,29 @@ def fit_model(
     """
     method = create_method(method_name, **(options or {}))
     out_dir = Path(out_dir)
+    work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
     train = split_samples(discover(data, categories), "train")
     validation = validate(train, on_bad_image)
     fit_samples, calibration = calibration_split(validation.samples)
+    selection: list[Sample] = []
+    if method.selects_on_validation:
+        fit_samples, calibration, selection = _selection_split(method_name, validation.samples, work_dir)
     excluded = {str(Path(image).resolve()) for image in exclude}
     fit_samples = [sample for sample in fit_samples if str(Path(sample.image).resolve()) not in excluded]
     mean, std = backbone_normalization(backbone, weights)
     spec = ModelSpec(backbone, list(levels), image_size, list(mean), list(std), weights)
     ensure_ray()
     resources = resources or plan_resources()
-    logger.info("fit %s: %d images, %d held out for the threshold, %d skipped", method_name, len(fit_samples),
-                len(calibration), len(validation.skipped))
+    logger.info("fit %s: %d images, %d held out for the threshold%s, %d skipped", method_name, len(fit_samples),
+                len(calibration), f", {len(selection)} to validate on" if selection else "", len(validation.skipped))
     context = FitContext(
         samples=fit_samples,
         spec=spec,
         resources=resources,
-        work_dir=Path(work_dir) if work_dir else work_dir_for(out_dir),
+        work_dir=work_dir,
         training=training or TrainConfig(),
         feature_cache=Path(feature_cache) if feature_cache else None,
+        validation=selection,
     )
     started = time.perf_counter()
     method = distributed_fit(method, context)
@@ -101,6 +107,19 @@ def fit_model(
     logger.info("fit %s: done in %.1f s, threshold %s, model in %s", method_name, fit_s,
                 "none" if threshold is None else f"{threshold:.4g}", out_dir)
     return FitResult(out_dir, method_name, fit_s, threshold, len(fit_samples), len(calibration), validation.skipped)
+
+
+def _selection_split(
+    method_name: str, samples: Sequence[Sample], work_dir: Path
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Fit, calibration and painted validation images for a method that chooses its training state on a validation
+    split (`validation.carve`: the calibration images are the ones `calibration_split` holds out)."""
+    try:
+        carving = carve(samples)
+    except DatasetError as error:
+        raise DatasetError(f"{error}; {method_name} keeps the checkpoint that scores best on a validation split of "
+                           "the training images: --set select=last trains on every image instead") from error
+    return carving.fit, carving.calibration, paint_validation_set(carving.validation, work_dir / "validation")
 
 
 def calibrate(model_dir: Path, calibration: Sequence[Sample], resources: Resources) -> float | None:

@@ -86,6 +86,8 @@ class FitContext:
         training: Ray Train scheduling, for methods that train.
         feature_cache: a feature cache folder shared by several fits of the same images (None: `work_dir/cache`
             when a method needs a cache, and streamed features otherwise).
+        validation: the painted validation split, for a method that chooses its training state on one
+            (`AnomalyMethod.selects_on_validation`); empty otherwise.
     """
 
     samples: list[Sample]
@@ -94,6 +96,7 @@ class FitContext:
     work_dir: Path
     training: TrainConfig = TrainConfig()
     feature_cache: Path | None = None
+    validation: list[Sample] = dataclasses.field(default_factory=list)
 
     def features(self) -> ray.data.Dataset:
         """Backbone features of the samples: from the shared cache when there is one, else streamed once."""

@@ -21,6 +21,7 @@ from ray.data import ActorPoolStrategy
 from reconray.methods.artifact import ModelSpec, load_artifact, read_config
 from reconray.methods.device import pick_device
 from reconray.methods.errors import DatasetError
+from reconray.pipelines.console import stage
 from reconray.pipelines.datasets import Sample, decode_rgb, load_mask
 
 LEVEL_COLUMN = "level_{}"
@@ -85,6 +86,26 @@ def feature_dataset(
         num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor,
     )
+
+
+def feature_batches(
+    spec: ModelSpec, sets: dict[str, Sequence[Sample]], resources: Resources, stage_prefix: str
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Backbone features of each named set of images, in one Ray Data pass (one actor pool), as numpy batches with
+    the `level_<n>` columns, `category`, `label` and `gt_mask` (zeros for images without a mask)."""
+    home = {sample.image: name for name, samples in sets.items() for sample in samples}
+    batches: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in sets}
+    with stage(f"{stage_prefix} {', '.join(sets)} images", total=len(home)) as advance:
+        rows = feature_dataset([sample for samples in sets.values() for sample in samples], spec, resources, masks=True)
+        for batch in rows.iter_batches(batch_size=resources.batch_size, batch_format="numpy"):
+            kept = {key: value for key, value in batch.items() if key.startswith("level_") or key in
+                    ("category", "label", "gt_mask")}
+            names = np.array([home[image] for image in batch["image"]])
+            for name in sets:
+                if (names == name).any():
+                    batches[name].append({key: value[names == name] for key, value in kept.items()})
+            advance(len(batch["image"]))
+    return batches
 
 
 def score_dataset(

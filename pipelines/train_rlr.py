@@ -36,24 +36,29 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
 from reconray.methods.errors import DatasetError
-from reconray.methods.rlr import RLR, epoch_record, jitter_seed, make_optimizer, train_epoch
-from reconray.pipelines.console import stage
+from reconray.methods.rlr import RLR, budget_spent, epoch_record, jitter_seed, make_optimizer, train_epoch
+from reconray.pipelines.console import FILE_ONLY_LOGGER, stage
 from reconray.pipelines.fitting import FitContext, TrainConfig, register_distributed_fit, worker_cpus
-from reconray.pipelines.ingest import level_columns, level_count
+from reconray.pipelines.ingest import feature_batches, level_columns, level_count
+from reconray.pipelines.report import scatter_plot
 from reconray.pipelines.validation import validation_metrics
 
 logger = logging.getLogger(__name__)
+epoch_log = logging.getLogger(f"{FILE_ONLY_LOGGER}.rlr")
 
 MODEL_FILE = "model.safetensors"
+VALIDATION_PLOT = "validation.png"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PROGRESS_FILE = "progress.json"
 _SHUFFLE_BATCHES = 16
 """Local shuffle buffer, in batches: mixes categories within a shard without a full shuffle of the features."""
+SELECTION_METRIC = "mean_auroc"
+"""What checkpoint selection maximises on the validation split: the mean of image and pixel AUROC, tune's default."""
 _POLL_S = 0.5
 """How often the driver reads the epochs reported so far, to advance its progress bar."""
 
@@ -69,9 +74,15 @@ class ValidationFeatures:
 
 @register_distributed_fit(RLR)
 def fit_rlr(method: RLR, context: FitContext) -> RLR:
-    """RLR's distributed fit: train on Ray Train from the cached features, checkpoints in the work directory."""
+    """RLR's distributed fit: train on Ray Train from the cached features, checkpoints in the work directory, the
+    kept checkpoint chosen on the context's validation split when it has one."""
+    validation = None
+    if context.validation:
+        batches = feature_batches(context.spec, {"validation": context.validation}, context.resources,
+                                  "fit rlr: features of the")["validation"]
+        validation = ValidationFeatures(ray.put(batches), context.spec.image_size)
     return train_rlr(context.cached_features(), method, context.work_dir / "train", context.training,
-                     data_key=context.feature_key())
+                     data_key=context.feature_key(), validation=validation)
 
 
 def train_rlr(
@@ -92,8 +103,10 @@ def train_rlr(
         run_dir: Ray Train storage path; each run is a folder in it.
         training: workers, CPUs, GPUs, retries and checkpoint interval (None: `TrainConfig()`).
         data_key: identity of the training features (part of the run's name, so other data never resumes it).
-        validation: when given, every `training.validate_every` epochs (and after the last) the rank-0 worker scores
-            it and the epoch's report carries `validation.VALIDATION_METRICS`.
+        validation: when given, every `training.validate_every` epochs, at every checkpoint and after the last epoch
+            the rank-0 worker scores it; the epoch's record carries `validation.VALIDATION_METRICS`, each scored epoch
+            is checkpointed, and the fitted model is the checkpoint with the best `SELECTION_METRIC` (Ray Train keeps
+            it and the latest one, which resumes the run). Without it, the model is the last epoch's.
         on_epoch: called on the driver with each finished epoch's record (a Tune trial passes `ray.tune.report`).
     """
     training = training or TrainConfig()
@@ -127,6 +140,8 @@ def train_rlr(
             name=name,
             storage_path=str(Path(run_dir).resolve()),
             failure_config=FailureConfig(max_failures=training.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECTION_METRIC,
+                                               checkpoint_score_order="max") if validation else CheckpointConfig(),
         ),
         datasets={"train": _streamable(train_features, training.num_workers * cpus)},
     )
@@ -134,9 +149,21 @@ def train_rlr(
     if result.checkpoint is None:
         raise RuntimeError(f"rlr run {name!r} in {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
+        reached = json.loads(Path(directory, PROGRESS_FILE).read_text())
+    if reached["epoch"] < method.options.epochs:
+        logger.info("rlr: the time budget of %g s ran out after epoch %d of %d (%.0f s of training)",
+                    method.options.time_budget_s, reached["epoch"], method.options.epochs, reached["elapsed_s"])
+    chosen = result.get_best_checkpoint(SELECTION_METRIC, "max") if validation else result.checkpoint
+    with chosen.as_directory() as directory:
         tensors = load_file(Path(directory, MODEL_FILE))
         progress = json.loads(Path(directory, PROGRESS_FILE).read_text())
-    return method.load_trained(tensors, channels, grids, {**progress, "checkpoint": result.checkpoint.path})
+    if validation:
+        history = reached.get("validation_history", [])
+        _plot_validation(history, Path(run_dir) / name / VALIDATION_PLOT)
+        logger.info("rlr: kept epoch %d of %d, validation %s %.4f (best of %d scored epochs; curve in %s)",
+                    progress["epoch"], reached["epoch"], SELECTION_METRIC, progress[SELECTION_METRIC], len(history),
+                    Path(run_dir) / name / VALIDATION_PLOT)
+    return method.load_trained(tensors, channels, grids, {**progress, "checkpoint": chosen.path})
 
 
 def run_name(method: RLR, data_key: str) -> str:
@@ -193,7 +220,9 @@ def _fit_showing_epochs(
             for record in records:
                 if seen == 0 and record["resumed_from_epoch"]:
                     advance(record["resumed_from_epoch"])
-                logger.debug("rlr epoch %d: loss %.4f", record["epoch"], record["loss"])
+                score = record.get(SELECTION_METRIC)
+                scored = "" if score is None else f", validation {SELECTION_METRIC} {score:.4f}"
+                epoch_log.info("rlr epoch %d: loss %.4f%s", record["epoch"], record["loss"], scored)
                 advance(1)
                 if on_epoch is not None:
                     on_epoch(_scalars(record))
@@ -240,14 +269,15 @@ def _train_func(config: dict[str, Any]) -> None:
     options = method.options
     torch.set_num_threads(config["threads"])
     model = method.build_model(config["channels"], config["grids"])
-    start_epoch, history, optimizer_tensors = 0, [], None
+    start_epoch, history, optimizer_tensors, earlier_s, validation_history = 0, [], None, 0.0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             model.load_state_dict(load_file(Path(directory, MODEL_FILE)))
             optimizer_tensors = load_file(Path(directory, OPTIMIZER_FILE))
             progress = json.loads(Path(directory, PROGRESS_FILE).read_text())
-            start_epoch, history = progress["epoch"], progress["losses"]
+            start_epoch, history, earlier_s = progress["epoch"], progress["losses"], progress["elapsed_s"]
+            validation_history = progress.get("validation_history", [])
     # Buffers (window indexes, masks, position codes) are fixed by the grid: no need to broadcast them every step.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     optimizer = make_optimizer(model, options.lr)
@@ -272,15 +302,21 @@ def _train_func(config: dict[str, Any]) -> None:
         loss_sum, images = train_epoch(model, optimizer, level_batches, options.jitter, options.precision)
         loss_sum, images = _sum_over_workers(loss_sum, images, device)
         now = time.perf_counter()
-        record = epoch_record(epoch + 1, loss_sum, images, now - epoch_started, now - started, history, start_epoch)
+        record = epoch_record(epoch + 1, loss_sum, images, now - epoch_started, earlier_s + now - started, history,
+                              start_epoch)
         history = record["losses"]
         validation = config["validation"]
-        last = epoch + 1 == options.epochs
-        if validation is not None and rank == 0 and (last or (epoch + 1) % config["validate_every"] == 0):
+        out_of_time = _on_every_worker(budget_spent(options, record["elapsed_s"]), device)
+        last = epoch + 1 == options.epochs or out_of_time
+        checkpointing = last or (epoch + 1) % config["checkpoint_every"] == 0
+        validating = validation is not None and (checkpointing or (epoch + 1) % config["validate_every"] == 0)
+        if validating and rank == 0:
             record |= _validate(method, model, config, validation)
+            validation_history.append({"epoch": record["epoch"], SELECTION_METRIC: record[SELECTION_METRIC]})
+            record["validation_history"] = list(validation_history)
         if rank == 0:
             config["epochs"].post.remote(record)
-        if last or (epoch + 1) % config["checkpoint_every"] == 0:
+        if checkpointing or validating:
             with tempfile.TemporaryDirectory() as directory:
                 if rank == 0:
                     _write_checkpoint(Path(directory), model, optimizer, record)
@@ -288,6 +324,8 @@ def _train_func(config: dict[str, Any]) -> None:
                 ray.train.report(_scalars(record), checkpoint=checkpoint)
         else:
             ray.train.report(_scalars(record))
+        if out_of_time:
+            break
 
 
 def _validate(method: RLR, model: torch.nn.Module, config: dict[str, Any], validation: ValidationFeatures) -> dict:
@@ -300,8 +338,15 @@ def _validate(method: RLR, model: torch.nn.Module, config: dict[str, Any], valid
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, Any]:
-    """The epoch record without its loss history: what Ray Train keeps as each report's metrics."""
-    return {key: value for key, value in record.items() if key != "losses"}
+    """The epoch record without its histories: what Ray Train keeps as each report's metrics."""
+    return {key: value for key, value in record.items() if key not in ("losses", "validation_history")}
+
+
+def _plot_validation(history: list[dict[str, Any]], path: Path) -> None:
+    """The validation metric of every scored epoch, as a PNG beside the run's checkpoints."""
+    if history:
+        scatter_plot(f"validation {SELECTION_METRIC} per epoch", "epoch", SELECTION_METRIC,
+                     [entry["epoch"] for entry in history], [entry[SELECTION_METRIC] for entry in history]).save(path)
 
 
 def _sum_over_workers(loss_sum: float, images: int, device: torch.device) -> tuple[float, int]:
@@ -311,6 +356,15 @@ def _sum_over_workers(loss_sum: float, images: int, device: torch.device) -> tup
     totals = torch.tensor([loss_sum, float(images)], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(totals)
     return float(totals[0]), int(totals[1])
+
+
+def _on_every_worker(flag: bool, device: torch.device) -> bool:
+    """True on every worker when it is true on any: they must stop at the same epoch, or DDP would wait forever."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _write_checkpoint(

@@ -39,11 +39,10 @@ from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFA
 from reconray.methods.errors import OptionError
 from reconray.methods.rlr import RLR
 from reconray.methods.scoring import score_features
-from reconray.pipelines.console import stage
 from reconray.pipelines.datasets import Sample, discover, split_samples, validate
 from reconray.pipelines.fit import THRESHOLD_QUANTILE, fit_model
 from reconray.pipelines.fitting import FitContext, TrainConfig
-from reconray.pipelines.ingest import Resources, feature_dataset, level_tensors, plan_resources
+from reconray.pipelines.ingest import Resources, feature_batches, level_tensors, plan_resources
 from reconray.pipelines.report import plot_grid, scatter_plot
 from reconray.pipelines.runtime import ensure_ray
 from reconray.pipelines.train_rlr import ValidationFeatures, train_rlr
@@ -323,20 +322,9 @@ def _feature_specs(space: dict[str, Any], backbone: str, levels: list[int], imag
 
 
 def _extract(spec: ModelSpec, sets: dict[str, Sequence[Sample]], resources: Resources) -> dict[str, Any]:
-    """Backbone features of each named set of images, in one pass (one actor pool), as object-store references the
-    trials share: `{name: ref to a list of numpy batches}` plus the image size."""
-    home = {sample.image: name for name, samples in sets.items() for sample in samples}
-    batches: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in sets}
-    with stage(f"tune: features of the {' and '.join(sets)} images", total=len(home)) as advance:
-        rows = feature_dataset([sample for samples in sets.values() for sample in samples], spec, resources, masks=True)
-        for batch in rows.iter_batches(batch_size=resources.batch_size, batch_format="numpy"):
-            kept = {key: value for key, value in batch.items() if key.startswith("level_") or key in
-                    ("category", "label", "gt_mask")}
-            names = np.array([home[image] for image in batch["image"]])
-            for name in sets:
-                if (names == name).any():
-                    batches[name].append({key: value[names == name] for key, value in kept.items()})
-            advance(len(batch["image"]))
+    """Backbone features of each named set of images, in one pass, as object-store references the trials share:
+    `{name: ref to a list of numpy batches}` plus the image size."""
+    batches = feature_batches(spec, sets, resources, "tune: features of the")
     return {"image_size": spec.image_size} | {name: ray.put(parts) for name, parts in batches.items()}
 
 

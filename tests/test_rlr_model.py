@@ -196,6 +196,14 @@ def test_fit_lowers_the_loss_and_scores_anomalies_higher(precision):
     assert (anomalous_scores[:, 2:4, 2:4].mean() > 2 * normal_scores[:, 2:4, 2:4].mean()).item()
 
 
+def test_a_time_budget_ends_training_after_the_epoch_that_spends_it():
+    method = _tiny_rlr(epochs=50, time_budget_s=1e-3)  # any epoch takes longer than a millisecond
+    method.fit(_structured_batches(8, seed=0))
+    assert method.info["epoch"] == 1 and method.info["elapsed_s"] >= 1e-3 and len(method.info["losses"]) == 1
+    with pytest.raises(OptionError, match="time_budget_s"):
+        _tiny_rlr(time_budget_s=0)
+
+
 def test_state_round_trip_rebuilds_the_same_model():
     method = _tiny_rlr(epochs=1)
     batches = _structured_batches(8, seed=0)

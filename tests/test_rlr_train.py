@@ -17,7 +17,7 @@ import torch
 
 from reconray.methods.rlr import RLR
 from reconray.pipelines.fitting import TrainConfig, worker_cpus
-from reconray.pipelines.train_rlr import PROGRESS_FILE, run_name, train_rlr
+from reconray.pipelines.train_rlr import PROGRESS_FILE, ValidationFeatures, run_name, train_rlr
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,41 @@ def test_a_worker_holding_every_cpu_still_gets_its_features(features, tmp_path):
     fitted = train_rlr(streamed, method, tmp_path / "runs", _training(cpus_per_worker=2.0, max_failures=0))
     assert fitted.info["epoch"] == 2
     assert sorted(_checkpointed_losses(tmp_path / "runs" / run_name(method, ""))) == [1, 2]
+
+
+def test_a_time_budget_stops_every_worker_at_the_same_epoch_and_keeps_that_checkpoint(features, tmp_path, caplog):
+    caplog.set_level("INFO", logger="reconray")
+    method = _method(epochs=EPOCHS, time_budget_s=1e-3)
+    fitted = train_rlr(features, method, tmp_path, _training(num_workers=2, checkpoint_every=5, max_failures=0))
+    assert fitted.info["epoch"] == 1 and fitted.info["elapsed_s"] >= 1e-3
+    assert sorted(_checkpointed_losses(tmp_path / run_name(method, ""))) == [1]  # the epoch it stopped at is kept
+    assert f"the time budget of 0.001 s ran out after epoch 1 of {EPOCHS}" in caplog.text
+
+
+def test_with_a_validation_split_the_best_scoring_checkpoint_is_kept(features, tmp_path, caplog):
+    """Two normal and two 'defective' images (a bright square on both levels, its mask at 32 px); every epoch is
+    scored and checkpointed, Ray Train keeps the best and the latest, and the model is the best."""
+    rows = features.take_batch(4)
+    fine, coarse = rows["level_0"].copy(), rows["level_1"].copy()
+    fine[2:, :, 2:5, 2:5] += 4.0
+    coarse[2:, :, 1:3, 1:3] += 4.0
+    masks = np.zeros((4, 32, 32), np.uint8)
+    masks[2:, 8:20, 8:20] = 1
+    batch = {"level_0": fine, "level_1": coarse, "category": np.array(["stripes"] * 4), "label": np.array([0, 0, 1, 1]),
+             "gt_mask": masks}
+    caplog.set_level("INFO", logger="reconray")
+    method = _method(epochs=4)
+    fitted = train_rlr(features, method, tmp_path, _training(max_failures=0, checkpoint_every=10),
+                       validation=ValidationFeatures(ray.put([batch]), 32))
+    history = fitted.info["validation_history"]
+    assert [entry["epoch"] for entry in history][-1] == fitted.info["epoch"]  # history up to the kept epoch
+    run = tmp_path / run_name(method, "")
+    last = json.loads(max(run.glob(f"checkpoint_*/{PROGRESS_FILE}"), key=lambda path: path.parent.name).read_text())
+    scores = {entry["epoch"]: entry["mean_auroc"] for entry in last["validation_history"]}
+    assert sorted(scores) == [1, 2, 3, 4]
+    assert fitted.info["mean_auroc"] == max(scores.values()) == scores[fitted.info["epoch"]]
+    assert sum(path.is_dir() for path in run.glob("checkpoint_*")) <= 2 and (run / "validation.png").is_file()
+    assert f"rlr: kept epoch {fitted.info['epoch']} of 4, validation mean_auroc" in caplog.text
 
 
 def test_a_single_worker_takes_every_cpu_of_the_node_unless_told_otherwise(ray_session) -> None:
