@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="a GPU per worker when the cluster has GPUs (default: yes)")
     training.add_argument("--max-failures", type=int, help="worker failures to recover from (default 3)")
     training.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints (default 10)")
+    training.add_argument("--validate-every", type=int, help="epochs between scorings of the validation split "
+                          "(select=validation; default 1)")
 
     tune_parser = commands.add_parser("tune", parents=[common],
                                       help="hyperparameter sweep on Ray Tune, scored on a validation split")
@@ -199,7 +201,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         setting = _fit_setting(args)
         given = {"num_workers": args.num_workers, "cpus_per_worker": args.cpus_per_worker, "use_gpu": args.use_gpu,
-                 "max_failures": args.max_failures, "checkpoint_every": args.checkpoint_every}
+                 "max_failures": args.max_failures, "checkpoint_every": args.checkpoint_every,
+                 "validate_every": args.validate_every}
         training = _validated(TrainConfig, {key: value for key, value in given.items() if value is not None})
         fit_model(
             args.data, setting["method"], args.out, categories=_categories(args.categories), backbone=args.backbone,
