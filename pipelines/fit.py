@@ -2,8 +2,9 @@
 
 How a method is fitted on Ray is its own registered hook (`reconray.pipelines.fitting`): bank methods condense feature
 batches on the workers, rlr trains on Ray Train. A slice of the normal training images never reaches the fit: it
-calibrates the decision threshold (see `calibration_split`). Training byproducts (feature cache, checkpoints, the log)
-go to a work directory beside the artifact, never into it.
+calibrates the decision threshold (see `calibration_split`); a method that chooses its training state on a validation
+split (rlr's checkpoint) also gets one, carved and painted by `reconray.pipelines.validation`. Training byproducts
+(feature cache, checkpoints, the log) go to a work directory beside the artifact, never into it.
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def fit_model(
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
     train = split_samples(discover(data, categories), "train")
     validation = validate(train, on_bad_image)
-    fit_samples, calibration = calibration_split(validation.samples)
-    selection: list[Sample] = []
     if method.selects_on_validation:
         fit_samples, calibration, selection = _selection_split(method_name, validation.samples, work_dir)
+    else:
+        (fit_samples, calibration), selection = calibration_split(validation.samples), []
     excluded = {str(Path(image).resolve()) for image in exclude}
     fit_samples = [sample for sample in fit_samples if str(Path(sample.image).resolve()) not in excluded]
     mean, std = backbone_normalization(backbone, weights)
