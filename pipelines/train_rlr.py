@@ -287,6 +287,8 @@ def _train_func(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     shard = ray.train.get_dataset_shard("train")
+    validation = config["validation"]
+    validation_batches = ray.get(validation.batches) if validation is not None and rank == 0 else None  # read once
     torch.manual_seed(jitter_seed(options.seed, start_epoch, rank))
     started = time.perf_counter()
     for epoch in range(start_epoch, options.epochs):
@@ -305,13 +307,12 @@ def _train_func(config: dict[str, Any]) -> None:
         record = epoch_record(epoch + 1, loss_sum, images, now - epoch_started, earlier_s + now - started, history,
                               start_epoch)
         history = record["losses"]
-        validation = config["validation"]
         out_of_time = _on_every_worker(budget_spent(options, record["elapsed_s"]), device)
         last = epoch + 1 == options.epochs or out_of_time
         checkpointing = last or (epoch + 1) % config["checkpoint_every"] == 0
         validating = validation is not None and (checkpointing or (epoch + 1) % config["validate_every"] == 0)
         if validating and rank == 0:
-            record |= _validate(method, model, config, validation)
+            record |= _validate(method, model, config, validation_batches, validation.image_size)
             validation_history.append({"epoch": record["epoch"], SELECTION_METRIC: record[SELECTION_METRIC]})
             record["validation_history"] = list(validation_history)
         if rank == 0:
@@ -328,13 +329,17 @@ def _train_func(config: dict[str, Any]) -> None:
             break
 
 
-def _validate(method: RLR, model: torch.nn.Module, config: dict[str, Any], validation: ValidationFeatures) -> dict:
-    """Scores the validation split with a copy of the current weights (training state stays untouched)."""
-    module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+def _validate(method: RLR, model: torch.nn.Module, config: dict[str, Any], batches: list, image_size: int) -> dict:
+    """Scores the validation batches with a copy of the current weights (training state stays untouched)."""
+    module = _unwrapped(model)
     scorer = RLR(**method.options.model_dump()).load_trained(module.state_dict(), config["channels"], config["grids"],
                                                              {})
-    return validation_metrics(scorer.to(next(module.parameters()).device), ray.get(validation.batches),
-                              validation.image_size)
+    return validation_metrics(scorer.to(next(module.parameters()).device), batches, image_size)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, without the DDP wrapper `prepare_model` puts around it on several workers."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, Any]:
@@ -371,8 +376,7 @@ def _write_checkpoint(
     directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, metrics: dict[str, Any]
 ) -> None:
     """Writes model and optimizer tensors (safetensors) and the epoch reached (JSON)."""
-    module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    model_tensors = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+    model_tensors = {key: value.detach().cpu().contiguous() for key, value in _unwrapped(model).state_dict().items()}
     save_file(model_tensors, directory / MODEL_FILE)
     save_file(_optimizer_tensors(optimizer), directory / OPTIMIZER_FILE)
     (directory / PROGRESS_FILE).write_text(json.dumps(metrics))
