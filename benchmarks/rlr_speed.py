@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from reconray.methods.backbone import FeatureExtractor
-from reconray.methods.rlr import RLRModel, make_optimizer, resolve_precision, rlr_loss, train_step
+from reconray.methods.rlr import RLR, RLRModel, make_optimizer, resolve_precision, rlr_loss, train_step
 from reconray.methods.rlr_reference import RLRReferenceModel, dense_window_masks
 from reconray.pipelines.console import console_session
 
@@ -109,9 +109,10 @@ def run(args: argparse.Namespace) -> None:
         oracle_optimizer.step()
 
     default = resolve_precision(torch.device("cpu"))
+    reference = RLR.Options(jitter=JITTER, recipe="reference")  # the paper's recipe: constant lr, no warm-up
     steps: dict[str, Callable[[], object]] = {
         f"reconray step, default precision = {default} (cached features, efficient attention, fused Adam)": (
-            lambda: train_step(efficient, efficient_optimizer, cached, JITTER)
+            lambda: train_step(efficient, efficient_optimizer, cached, reference)
         ),
         "oracle step (backbone every step, dense masked attention, Adam)": oracle_step,
         "backbone alone (4 images, no grad)": lambda: backbone(images),
@@ -119,7 +120,8 @@ def run(args: argparse.Namespace) -> None:
         "attention alone, oracle (masks rebuilt, dense, fwd+bwd)": _attention_step(oracle, True, cached),
     }
     if default != "float32":  # the same step without autocast, to separate the two gains
-        steps["reconray step, float32"] = lambda: train_step(efficient, efficient_optimizer, cached, JITTER, "float32")
+        steps["reconray step, float32"] = lambda: train_step(efficient, efficient_optimizer, cached,
+                                                                  reference.model_copy(update={"precision": "float32"}))
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
     for rep in range(args.reps + 1):
         for name, step in steps.items():
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
           f"{oracle_no_backbone / fast_cpu:.2f}x; attention alone {medians[names[4]][1] / medians[names[3]][1]:.2f}x")
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        train_step(efficient, efficient_optimizer, cached, JITTER)
+        train_step(efficient, efficient_optimizer, cached, reference)
     print("\nprofile of one reconray step (top operators by self CPU time):")
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
 

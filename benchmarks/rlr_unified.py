@@ -1,19 +1,21 @@
-"""Unified RLR (one model for every category) vs per-category patchcore on MTD + the synthetic categories.
+"""Unified RLR (one model for every category) vs per-category patchcore on MTD + KSDD + the synthetic categories.
 
 Usage:
-    python benchmarks/rlr_unified.py [--mtd ../shared/data/mtd/split.csv] [--out runs/bench-rlr-unified]
-        [--epochs 5] [--d-model 64] [--layers 2] [--heads 4] [--batch-size 8] [--cpus-per-worker 1] [--mtd-coreset 0.1]
-        [--smoke]
+    python benchmarks/rlr_unified.py [--mtd ../shared/data/mtd/split.csv] [--ksdd ../shared/data/ksdd/split.csv]
+        [--out runs/bench-rlr-unified] [--time-budget-s 3600] [--set key=value ...] [--cpus-per-worker C]
+        [--mtd-coreset 0.1] [--smoke]
 
 RLR's selling point is the unified setting: a single model trained on the union of all categories' normal images,
 evaluated per category. Patchcore, the baseline, gets one model per category. Both go through the product's own
 pipelines (`fit_model`, `evaluate_model`), so the numbers are what `reconray fit` + `reconray evaluate` give. To train
-one model on the union, the script writes a VisA-style CSV (absolute paths) listing the MTD rows and the synthetic
-samples; the MTD data itself is only read. The RLR size defaults to a CPU-sized setting (the reference is d_model 256,
-4 layers, 8 heads, batch 4, 200 epochs); patchcore keeps its defaults except a 10% coreset on MTD, whose full bank
-(680k patches) takes ~20 minutes to evaluate on 2 CPU cores. Ray Train scheduling (`--cpus-per-worker`, one worker,
-a checkpoint every 10 epochs) is a `TrainConfig`, not part of the model's options. `--smoke` shrinks the synthetic
-part to one category of 6 training and 4 test images, for an end-to-end check with a small `--mtd` dataset.
+one model on the union, the script writes a VisA-style CSV (absolute paths) listing the MTD and KSDD rows and the
+synthetic samples; the datasets themselves are only read. RLR trains with the recipe a user gets (`recipe=auto`: the
+CPU recipe on a machine without a GPU) within `--time-budget-s` of training; `--set` changes any RLR option (values
+as on the command line of `reconray fit`). Patchcore keeps its defaults except a 10% coreset on MTD, whose full bank
+(680k patches) takes ~20 minutes to evaluate on 2 CPU cores. Ray Train scheduling (`--cpus-per-worker`, default: the
+worker takes every CPU; a checkpoint every 10 epochs) is a `TrainConfig`, not part of the model's options. `--smoke`
+shrinks the synthetic part to one category of 6 training and 4 test images, for an end-to-end check with small
+`--mtd` and `--ksdd` datasets.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from reconray.methods.artifact import read_config
+from reconray.pipelines.cli import parse_key_values
 from reconray.pipelines.console import console_session
 from reconray.pipelines.datasets import Sample, discover
 from reconray.pipelines.evaluate import evaluate_model
@@ -69,14 +72,13 @@ def _timed_fit_evaluate(data: Path, method: str, folder: Path, **fit_kwargs: Any
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mtd", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/mtd/split.csv")
+    shared = Path(__file__).resolve().parents[2] / "shared/data"
+    parser.add_argument("--mtd", type=Path, default=shared / "mtd/split.csv")
+    parser.add_argument("--ksdd", type=Path, default=shared / "ksdd/split.csv")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-rlr-unified"))
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (= torch threads) of the RLR worker")
+    parser.add_argument("--time-budget-s", type=float, default=3600.0, help="RLR training budget (time_budget_s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an RLR option")
+    parser.add_argument("--cpus-per-worker", type=float, help="CPUs (= torch threads) of the RLR worker")
     parser.add_argument("--mtd-coreset", type=float, default=0.1, help="patchcore coreset ratio on MTD (1 = full)")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic part (1 category, 6 train / 4 test)")
     args = parser.parse_args()
@@ -90,18 +92,12 @@ def run(args: argparse.Namespace) -> None:
 
     synthetic_root = make_synthetic_dataset(out / "synthetic", SMOKE_SYNTHETIC if args.smoke else SyntheticConfig())
     union = out / "unified.csv"
-    categories = write_union_csv([args.mtd.resolve(), Path(synthetic_root)], union)
+    categories = write_union_csv([args.mtd.resolve(), args.ksdd.resolve(), Path(synthetic_root)], union)
     mtd_categories = {sample.category for sample in discover(args.mtd)}
     logger.info("categories %s, union CSV %s", categories, union)
 
-    rlr_options = {
-        "epochs": args.epochs,
-        "d_model": args.d_model,
-        "layers": args.layers,
-        "heads": args.heads,
-        "batch_size": args.batch_size,
-    }
-    training = TrainConfig(cpus_per_worker=args.cpus_per_worker, checkpoint_every=min(args.epochs, 10))
+    rlr_options = {"time_budget_s": args.time_budget_s, **parse_key_values(args.set)}
+    training = TrainConfig(cpus_per_worker=args.cpus_per_worker)
     summary: dict[str, Any] = {"rlr_options": rlr_options, "rlr_training": training.model_dump(),
                                "mtd_coreset": args.mtd_coreset}
     summary["rlr"] = _timed_fit_evaluate(union, "rlr", out / "rlr", options=rlr_options, training=training)
@@ -124,8 +120,9 @@ def print_table(summary: dict[str, Any], categories: list[str]) -> None:
     rlr = summary["rlr"]
     patchcore = summary["patchcore"]
     info = rlr["method_info"]
-    print(f"RLR unified {summary['rlr_options']}, training {summary['rlr_training']}: epochs {info.get('epoch')}, "
-          f"final loss {info.get('loss')}, fit {rlr['fit_wall_s']:.0f} s, fit+evaluate {rlr['wall_s']:.0f} s; "
+    print(f"RLR unified {summary['rlr_options']}, training {summary['rlr_training']}: kept epoch {info.get('epoch')} "
+          f"(step {info.get('steps')}, {info.get('elapsed_s', 0):.0f} s of training, {info.get('images')} images per "
+          f"epoch), fit {rlr['fit_wall_s']:.0f} s, fit+evaluate {rlr['wall_s']:.0f} s; "
           f"patchcore total {sum(entry['wall_s'] for entry in patchcore.values()):.0f} s (MTD coreset "
           f"{summary['mtd_coreset']}); benchmark {summary['total_wall_s']:.0f} s")
     print("| category | RLR I-AUROC | PC I-AUROC | RLR P-AUROC | PC P-AUROC | RLR AUPRO | PC AUPRO |")

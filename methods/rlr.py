@@ -32,6 +32,7 @@ batch 4, 200 epochs, jitter 4). On a CPU, `d_model=64, layers=2, heads=4, epochs
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -48,6 +49,7 @@ from reconray.methods.device import pick_device
 from reconray.methods.errors import DatasetError, OptionError, check_fitted
 
 Grid = tuple[int, int]
+logger = logging.getLogger(__name__)
 
 
 def window_size(grid: int) -> int:
@@ -295,6 +297,50 @@ class _EncoderLayer(nn.Module):
         return self.norm2(x + self.ffn(x))
 
 
+class FeatureScale(nn.Module):
+    """Per-channel mean and standard deviation of a level's training features (identity until set).
+
+    The model reads standardised features and its output is mapped back to the features' own scale, so loss and
+    scores stay the reference's, measured on the raw features. It is a reparametrisation: without it the output
+    projection starts about 10x too small for lite0's features (std 4-6) and Adam, which moves a weight by about
+    its learning rate per step, takes thousands of steps to grow it.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
+        """`(B, C, H, W)` -> standardised `(B, C, H, W)`."""
+        return (features - self.mean[:, None, None]) / self.std[:, None, None]
+
+    def restore(self, features: torch.Tensor) -> torch.Tensor:
+        """Standardised `(B, C, H, W)` -> the features' scale."""
+        return features * self.std[:, None, None] + self.mean[:, None, None]
+
+
+def channel_statistics(batches: Iterable[Sequence[torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per level, the mean and standard deviation of every channel over all images and positions of `batches`."""
+    sums: list[list[torch.Tensor]] = []
+    for batch in batches:
+        for level, features in enumerate(batch):
+            values = features.double().transpose(0, 1).flatten(1)  # (C, B*H*W)
+            moments = [values.sum(dim=1), values.pow(2).sum(dim=1), torch.tensor(float(values.shape[1]))]
+            if level == len(sums):
+                sums.append(moments)
+            else:
+                sums[level] = [total + new for total, new in zip(sums[level], moments, strict=True)]
+    if not sums:
+        raise DatasetError("rlr: no training features to take statistics of (empty training split?)")
+    statistics = []
+    for total, squares, count in sums:
+        mean = total / count
+        std = (squares / count - mean.pow(2)).clamp(min=0).sqrt().clamp(min=1e-6)
+        statistics.append((mean.float(), std.float()))
+    return statistics
+
+
 class _LevelReconstructor(nn.Module):
     """Reconstructs one backbone level `(B, C, H, W)` from its learnable reference."""
 
@@ -308,15 +354,17 @@ class _LevelReconstructor(nn.Module):
         self.layers = nn.ModuleList(_EncoderLayer(d_model, heads, grid) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
         self.projection = nn.Linear(d_model, channels)
+        self.scale = FeatureScale(channels)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = features.shape
-        x = self.input_embed(features.flatten(2)).transpose(1, 2) + self.position_code
+        x = self.input_embed(self.scale.normalize(features).flatten(2)).transpose(1, 2) + self.position_code
         reference = self.reference_embed(self.reference.transpose(1, 2)).transpose(1, 2)
         reference = reference.reshape(-1, height * width, reference.shape[-1]) + self.position_code  # (R, L, d)
         for layer in self.layers:
             x = layer(x, reference)
-        return self.projection(self.norm(x)).transpose(1, 2).reshape(batch, channels, height, width)
+        out = self.projection(self.norm(x)).transpose(1, 2).reshape(batch, channels, height, width)
+        return self.scale.restore(out)
 
 
 def _check_architecture(channels: Sequence[int], grids: Sequence[Sequence[int]], d_model: int, heads: int) -> None:
@@ -358,6 +406,12 @@ class RLRModel(nn.Module):
             for level, (c, grid) in enumerate(zip(channels, self.grids, strict=True))
         )
 
+    def set_feature_statistics(self, statistics: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Sets every level's `FeatureScale` (from `channel_statistics` of the training features)."""
+        for level, (mean, std) in zip(self.levels, statistics, strict=True):
+            level.scale.mean.copy_(mean)
+            level.scale.std.copy_(std)
+
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Returns the reconstruction of every level, each with the shape of its input."""
         check_features(features, [level.reference.shape[-1] for level in self.levels], self.grids)
@@ -375,15 +429,28 @@ def check_features(features: Sequence[torch.Tensor], channels: Sequence[int], gr
             )
 
 
-def add_jitter(features: torch.Tensor, scale: float) -> torch.Tensor:
-    """Adds Gaussian noise to every token, scaled by the token's L2 norm / channels x `scale` (reference recipe)."""
-    token_norm = features.norm(dim=1, keepdim=True) / features.shape[1]
+JITTER_UNITS = ("paper", "rms")
+
+
+def add_jitter(features: torch.Tensor, scale: float, unit: str = "paper") -> torch.Tensor:
+    """Adds Gaussian noise to every token, its standard deviation set by the token's L2 norm and `scale`.
+
+    `unit` "paper" is the reference's formula, std = scale * ||f|| / C: relative to the features the noise shrinks as
+    1 / sqrt(C), so one scale means less noise on a wider backbone. "rms" is std = scale * ||f|| / sqrt(C), i.e.
+    `scale` times the token's root-mean-square: the same relative noise on any backbone. The paper's scale s on C
+    channels is rms scale s / sqrt(C) (its 4 on EfficientNet-b6's 72 / 200 channels: 0.47 / 0.28).
+    """
+    if unit not in JITTER_UNITS:
+        raise OptionError(f"rlr jitter_unit {unit!r} is invalid; it must be one of {JITTER_UNITS}")
+    channels = features.shape[1]
+    token_norm = features.norm(dim=1, keepdim=True) / (channels if unit == "paper" else math.sqrt(channels))
     return features + torch.randn_like(features) * token_norm * scale
 
 
-def rlr_loss(model: nn.Module, features: Sequence[torch.Tensor], jitter_scale: float) -> torch.Tensor:
+def rlr_loss(model: nn.Module, features: Sequence[torch.Tensor], jitter_scale: float, jitter_unit: str = "paper"
+             ) -> torch.Tensor:
     """Training loss: reconstruct the clean features from jittered ones; MSE + (1 - cosine), summed over levels."""
-    noisy = [add_jitter(level_features, jitter_scale) for level_features in features]
+    noisy = [add_jitter(level_features, jitter_scale, jitter_unit) for level_features in features]
     loss = features[0].new_zeros(())
     for target, output in zip(features, model(noisy), strict=True):
         output = output.float()
@@ -436,23 +503,80 @@ def _cpu_has_native_bfloat16() -> bool:
     return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
 
 
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Adam:
-    """Adam as in the reference, fused: the per-parameter loop costs several times more on CPU for RLR's ~21M
-    parameters."""
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+def make_optimizer(model: nn.Module, lr: float, reference_lr: float | None = None) -> torch.optim.Adam:
+    """Adam as in the reference, fused (the per-parameter loop costs several times more on CPU for RLR's ~21M
+    parameters), with the reference tokens in their own parameter group at `reference_lr` (None: `lr`).
+
+    Adam moves a weight by about its learning rate per step, whatever the gradient's size, so the N(0, 1) reference
+    needs on the order of 1 / lr steps to leave its random start: its own, larger rate lets a short run move it.
+    Each group keeps its rate as `base_lr`, which `LRSchedule` scales.
+    """
+    named = list(model.named_parameters())
+    reference = [param for name, param in named if name.rsplit(".", 1)[-1] == "reference"]
+    rest = [param for name, param in named if name.rsplit(".", 1)[-1] != "reference"]
+    groups = [{"params": rest, "lr": lr, "base_lr": lr}]
+    if reference:
+        rate = lr if reference_lr is None else reference_lr
+        groups.append({"params": reference, "lr": rate, "base_lr": rate})
+    return torch.optim.Adam(groups, fused=True)
+
+
+class LRSchedule:
+    """The learning rate of every step: linear warm-up over the first `warmup` share of the steps, then constant
+    (the reference) or a cosine decay to zero at the last step.
+
+    The horizon is `epochs x steps_per_epoch`. With a time budget it becomes the steps the budget is expected to hold
+    (`fit_budget`, after each epoch from the pace so far), never more than the epochs allow, so a budgeted run still
+    decays to the end of its training. Every Ray Train worker computes the same rates from the same agreed numbers,
+    so the DDP replicas keep equal weights.
+    """
+
+    def __init__(self, options: RLR.Options, steps_per_epoch: int, step: int = 0) -> None:
+        self.options = options
+        self.full_horizon = max(1, options.epochs * steps_per_epoch)
+        self.horizon = self.full_horizon
+        self.step = step
+
+    def factor(self, step: int | None = None) -> float:
+        """The multiple of each group's `base_lr` at `step` (default: the next one)."""
+        step = self.step if step is None else step
+        warmup_steps = self.options.warmup * self.horizon
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if self.options.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1.0, self.horizon - warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer: torch.optim.Optimizer) -> None:
+        """Sets every group's rate for the next step and counts it."""
+        factor = self.factor()
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        self.step += 1
+
+    def fit_budget(self, elapsed_s: float) -> None:
+        """Shrinks (or regrows, up to the epochs' horizon) the horizon to the steps `time_budget_s` holds at the pace
+        of the `self.step` steps taken in `elapsed_s` seconds."""
+        if self.options.time_budget_s is not None and self.step and elapsed_s > 0:
+            expected = math.ceil(self.step * self.options.time_budget_s / elapsed_s)
+            self.horizon = max(1, min(self.full_horizon, expected))
 
 
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     features: Sequence[torch.Tensor],
-    jitter_scale: float,
-    precision: str = "auto",
+    options: RLR.Options,
+    schedule: LRSchedule | None = None,
 ) -> float:
-    """One optimisation step on a batch of clean features (fresh jitter each call); returns the loss."""
+    """One optimisation step on a batch of clean features (fresh jitter each call, the schedule's rate when one is
+    given, else each group's current rate); returns the loss."""
+    if schedule is not None:
+        schedule.apply(optimizer)
     optimizer.zero_grad(set_to_none=True)
-    with autocast_for(features[0].device, precision):
-        loss = rlr_loss(model, features, jitter_scale)
+    with autocast_for(features[0].device, options.precision):
+        loss = rlr_loss(model, features, options.jitter, options.jitter_unit)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
@@ -462,8 +586,8 @@ def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Iterable[Sequence[torch.Tensor]],
-    jitter_scale: float,
-    precision: str = "auto",
+    options: RLR.Options,
+    schedule: LRSchedule | None = None,
 ) -> tuple[float, int]:
     """One epoch over `batches` (per-level feature tensors, already on the model's device).
 
@@ -473,10 +597,55 @@ def train_epoch(
     """
     loss_sum, images = 0.0, 0
     for batch in batches:
-        loss = train_step(model, optimizer, batch, jitter_scale, precision)
+        loss = train_step(model, optimizer, batch, options, schedule)
         loss_sum += loss * len(batch[0])
         images += len(batch[0])
     return loss_sum, images
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "reference": {},
+    "cpu": {
+        "epochs": 40,
+        "d_model": 64,
+        "layers": 1,
+        "heads": 4,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "reference_lr": 3e-2,
+        "lr_schedule": "constant",
+        "warmup": 0.0,
+        "jitter": 0.4,
+        "jitter_unit": "rms",
+        "standardize": True,
+        "sampling": "balanced",
+    },
+}
+"""Option values per recipe, for the options a user leaves unset. "reference" is the paper's (the option defaults:
+d_model 256, 4 layers, 8 heads, Adam 1e-4 constant, batch 4, 200 epochs, jitter 4), for a GPU and days. "cpu" is
+sized for a laptop's cores, chosen on validation splits (benchmarks/RESULTS.md, "RLR training recipe")."""
+
+
+def pick_recipe(recipe: str, gpu: bool) -> tuple[str, str]:
+    """The concrete recipe for `recipe` and why: "auto" is the reference recipe when training on a GPU, else "cpu"."""
+    if recipe != "auto":
+        return recipe, "asked for"
+    return ("reference", "auto: training on a GPU") if gpu else ("cpu", "auto: no GPU to train on")
+
+
+def category_repeats(counts: dict[str, int]) -> dict[str, int]:
+    """How often balanced sampling reads each category's images per epoch: the largest category's count over its
+    own, rounded (at least once), so every category fills about as many steps as the largest (rounding keeps each
+    within a factor of 1.5 of it)."""
+    largest = max(counts.values())
+    return {category: max(1, round(largest / count)) for category, count in counts.items()}
+
+
+def patience_ran_out(scores: Sequence[float], patience: int | None) -> bool:
+    """Early stopping: whether the last `patience` validation scores all failed to beat the best one before them."""
+    if patience is None or len(scores) <= patience:
+        return False
+    return max(scores[-patience:]) <= max(scores[:-patience])
 
 
 def budget_spent(options: RLR.Options, elapsed_s: float) -> bool:
@@ -500,6 +669,7 @@ def epoch_record(
         "epoch": epoch,
         "loss": loss,
         "losses": [*history, loss],
+        "images": images,
         "images_per_s": images / max(epoch_s, 1e-9),
         "elapsed_s": elapsed_s,
         "resumed_from_epoch": resumed_from_epoch,
@@ -511,14 +681,24 @@ class RLR(AnomalyMethod):
     """Learnable-reference reconstruction; one model for every category (the unified, multi-class setting).
 
     Options (`--set key=value`) define the model and its optimisation, never where it runs (workers, CPUs, GPUs and
-    checkpoints are `reconray.pipelines` training settings): epochs, lr, batch_size (per worker), layers, d_model
-    (finest level; doubled per coarser level), heads, ref_len, jitter (feature-jitter scale), precision ("auto":
-    bfloat16 autocast on hardware with native bfloat16 matmuls, see `resolve_precision`; "float32"; "bfloat16"),
-    seed, time_budget_s (training ends after the first epoch that finishes past this many seconds of training,
-    earlier attempts of a resumed run included; `epochs` still bounds it), select ("validation": a distributed fit
-    holds out a validation split of the training images, scores it during training and keeps the best checkpoint;
-    "last": trains on every image and keeps the last epoch). Defaults are the reference's; a CPU-sized run is
-    `d_model=64 layers=2 heads=4 epochs=5`. The device is chosen at run time (CUDA when present).
+    checkpoints are `reconray.pipelines` training settings):
+    - model: layers, d_model (finest level; doubled per coarser level), heads, ref_len, standardize (the model reads
+      standardised features and maps its output back, `FeatureScale`; loss and scores stay on the raw features).
+    - optimisation: epochs, lr, reference_lr (the reference tokens' own rate; None: lr), lr_schedule ("constant",
+      "cosine") with warmup (share of the steps), batch_size (per worker), jitter with jitter_unit ("paper": the
+      reference's formula; "rms": a share of each token's root-mean-square, the same on any backbone, see
+      `add_jitter`), sampling ("balanced": a distributed fit repeats each category's images to match the largest
+      one, `category_repeats`; "shuffle": every image once), precision ("auto": bfloat16 autocast on hardware with
+      native bfloat16 matmuls, see `resolve_precision`; "float32"; "bfloat16"), seed.
+    - budgets and selection: time_budget_s (training ends after the first epoch that finishes past this many
+      seconds, earlier attempts of a resumed run included; `epochs` still bounds it, and a cosine decay ends where
+      the budget is expected to), select ("validation": a distributed fit holds out a validation split of the
+      training images, scores it during training and keeps the best checkpoint; "last": trains on every image and
+      keeps the last epoch), patience (early stopping: end after this many scored epochs in a row without a new
+      best; None: never).
+    - recipe ("auto", "cpu", "reference"): fills every option left unset (`RECIPES`); "auto" is the reference
+      recipe when training on a GPU and the CPU recipe otherwise (`use_recipe`, which logs the choice).
+    The option defaults are the reference's. The device is chosen at run time (CUDA when present).
     """
 
     class Options(MethodOptions):
@@ -534,6 +714,14 @@ class RLR(AnomalyMethod):
         seed: int = 0
         time_budget_s: float | None = Field(None, gt=0.0)
         select: Literal["validation", "last"] = "validation"
+        lr_schedule: Literal["constant", "cosine"] = "constant"
+        warmup: float = Field(0.0, ge=0.0, lt=1.0)
+        reference_lr: float | None = Field(None, gt=0.0)
+        jitter_unit: Literal["paper", "rms"] = "paper"
+        standardize: bool = False
+        sampling: Literal["shuffle", "balanced"] = "shuffle"
+        patience: int | None = Field(None, ge=1)
+        recipe: Literal["auto", "cpu", "reference"] = "auto"
 
         @model_validator(mode="after")
         def _check_width(self) -> RLR.Options:
@@ -552,6 +740,16 @@ class RLR(AnomalyMethod):
     @property
     def selects_on_validation(self) -> bool:
         return self.options.select == "validation"
+
+    def use_recipe(self, gpu: bool) -> None:
+        """Fills every option the user did not set from the recipe (`recipe_options`) and logs which and why."""
+        recipe, reason = pick_recipe(self.options.recipe, gpu)
+        unset = set(RLR.Options.model_fields) - self.options.model_fields_set
+        filled = {key: value for key, value in RECIPES[recipe].items() if key in unset}
+        if self.options.recipe != recipe or filled:
+            logger.info("rlr: %s recipe (%s)%s", recipe, reason,
+                        f"; it sets {', '.join(f'{k}={v}' for k, v in filled.items())}" if filled else "")
+        self.options = RLR.Options(**(self.options.model_dump() | filled | {"recipe": recipe}))
 
     def build_model(self, channels: Sequence[int], grids: Sequence[Sequence[int]]) -> RLRModel:
         """Returns a freshly initialised model for these levels (seeded, so every Ray worker starts alike)."""
@@ -575,21 +773,29 @@ class RLR(AnomalyMethod):
             raise DatasetError("rlr: no training features to fit on (empty training split?)")
         features = [torch.cat(level).float() for level in levels]
         channels, grids = [f.shape[1] for f in features], [list(f.shape[2:]) for f in features]
-        model = self.build_model(channels, grids).to(self.device).train()
-        optimizer = make_optimizer(model, self.options.lr)
-        torch.manual_seed(jitter_seed(self.options.seed, 0, 0))
-        shuffle = torch.Generator().manual_seed(self.options.seed)
+        self.use_recipe(self.device.type == "cuda")
+        options = self.options
+        model = self.build_model(channels, grids)
+        if options.standardize:
+            model.set_feature_statistics(channel_statistics([features]))
+        model = model.to(self.device).train()
+        optimizer = make_optimizer(model, options.lr, options.reference_lr)
+        schedule = LRSchedule(options, math.ceil(len(features[0]) / options.batch_size))
+        torch.manual_seed(jitter_seed(options.seed, 0, 0))
+        shuffle = torch.Generator().manual_seed(options.seed)
         record: dict[str, Any] = {}
         started = time.perf_counter()
-        for epoch in range(self.options.epochs):
+        for epoch in range(options.epochs):
             epoch_started = time.perf_counter()
-            order = torch.randperm(len(features[0]), generator=shuffle).split(self.options.batch_size)
+            order = torch.randperm(len(features[0]), generator=shuffle).split(options.batch_size)
             batches = ([level[rows].to(self.device) for level in features] for rows in order)
-            loss_sum, images = train_epoch(model, optimizer, batches, self.options.jitter, self.options.precision)
+            loss_sum, images = train_epoch(model, optimizer, batches, options, schedule)
             now = time.perf_counter()
             record = epoch_record(epoch + 1, loss_sum, images, now - epoch_started, now - started,
                                   record.get("losses", []))
-            if budget_spent(self.options, record["elapsed_s"]):
+            record["steps"] = schedule.step
+            schedule.fit_budget(record["elapsed_s"])
+            if budget_spent(options, record["elapsed_s"]):
                 break
         self.load_trained(model.state_dict(), channels, grids, record)
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from reconray.methods.rlr import check_grid, sincos_position_code, token_embedding, window_size
+from reconray.methods.rlr import FeatureScale, check_grid, sincos_position_code, token_embedding, window_size
 
 
 def dense_window_masks(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,10 +78,11 @@ class _ReferenceLevel(nn.Module):
         self.layers = nn.ModuleList(_ReferenceEncoderLayer(d_model, heads, grid) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
         self.projection = nn.Linear(d_model, channels)
+        self.scale = FeatureScale(channels)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = features.shape
-        tokens = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        tokens = self.scale.normalize(features).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         x = self.input_embed(tokens.permute(0, 2, 1)).transpose(1, 2) + self.position_code
         reference = self.reference.repeat(batch, 1, 1)
         reference = self.reference_embed(reference.permute(0, 2, 1)).transpose(1, 2)
@@ -89,7 +90,7 @@ class _ReferenceLevel(nn.Module):
         for layer in self.layers:
             x = layer(x, reference)
         out = self.projection(self.norm(x))
-        return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        return self.scale.restore(out.reshape(batch, height, width, channels).permute(0, 3, 1, 2))
 
 
 class RLRReferenceModel(nn.Module):

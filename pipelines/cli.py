@@ -28,7 +28,8 @@ _PREDICTIONS_SHOWN = 20
 """Predictions listed on the console; all of them are in predictions.json."""
 
 
-def _key_values(pairs: Sequence[str]) -> dict[str, str]:
+def parse_key_values(pairs: Sequence[str]) -> dict[str, str]:
+    """`--set key=value` pairs as a dict of strings (each method option converts its value to its own type)."""
     options = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
@@ -274,7 +275,7 @@ def _fit_setting(args: argparse.Namespace) -> dict[str, object]:
         raise OptionError(f"--method (or method: in --config) must be one of {sorted(METHODS)}, got {method!r}")
     return {
         "method": method,
-        "options": {**dict(config.get("options") or {}), **_key_values(args.options)},
+        "options": {**dict(config.get("options") or {}), **parse_key_values(args.options)},
         "levels": args.levels or config.get("levels") or list(DEFAULT_LEVELS),
         "image_size": args.image_size or config.get("image_size") or DEFAULT_IMAGE_SIZE,
     }

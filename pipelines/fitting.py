@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydantic
 import ray
 
@@ -32,6 +33,12 @@ from reconray.pipelines.datasets import Sample
 from reconray.pipelines.ingest import Resources, feature_dataset, level_columns
 
 logger = logging.getLogger(__name__)
+
+
+def cache_columns(spec: ModelSpec) -> list[str]:
+    """What a feature cache keeps per image: the level features, the category (balanced sampling) and the image path
+    (a fit of fewer images reads its rows from a cache of more)."""
+    return [*level_columns(len(spec.levels)), "category", "image"]
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -108,19 +115,43 @@ class FitContext:
         """Backbone features of the samples, extracted once into Parquet shards keyed by `feature_key`.
 
         Training methods read these every epoch instead of re-running the frozen backbone; a different backbone,
-        level set, image size or file list gets a new key and so a fresh extraction.
+        level set, image size or file list gets a new key and so a fresh extraction, unless a complete cache in the
+        same folder holds every one of the samples with the same spec: then its rows of these images are read (an
+        rlr fit, which holds a validation split out, reads the cache a bank fit of all the images wrote).
         """
-        cache_dir = ((self.feature_cache or self.work_dir / "cache") / self.feature_key()).resolve()
+        cache_root = (self.feature_cache or self.work_dir / "cache").resolve()
+        cache_dir = cache_root / self.feature_key()
         complete = cache_dir / COMPLETE_MARKER
         if complete.exists():
             logger.info("reusing cached features of %d images (%s)", len(self.samples), cache_dir)
-        else:
-            logger.info("extracting features of %d images into the cache %s", len(self.samples), cache_dir)
-            columns = level_columns(len(self.spec.levels))
-            feature_dataset(self.samples, self.spec, self.resources).select_columns(columns).write_parquet(
-                str(cache_dir))
-            complete.write_text(self._key_source())
+            return ray.data.read_parquet(str(cache_dir), file_extensions=["parquet"])
+        superset = self._superset_cache(cache_root)
+        if superset is not None:
+            logger.info("reusing cached features of %d images from a cache of more images (%s)", len(self.samples),
+                        superset)
+            images = sorted(sample.image for sample in self.samples)
+            return ray.data.read_parquet(str(superset), file_extensions=["parquet"]).map_batches(
+                _rows_of_images, fn_kwargs={"images": images}, batch_format="numpy")
+        logger.info("extracting features of %d images into the cache %s", len(self.samples), cache_dir)
+        features = feature_dataset(self.samples, self.spec, self.resources)
+        features.select_columns(cache_columns(self.spec)).write_parquet(str(cache_dir))
+        complete.write_text(self._key_source())
         return ray.data.read_parquet(str(cache_dir), file_extensions=["parquet"])
+
+    def _superset_cache(self, cache_root: Path) -> Path | None:
+        """A complete cache under `cache_root` with this spec and columns whose images (and their modification
+        times) include every one of the samples; None if there is none."""
+        wanted = json.loads(self._key_source())
+        needed = {tuple(image) for image in wanted["images"]}
+        for marker in sorted(cache_root.glob(f"*/{COMPLETE_MARKER}")):
+            try:
+                source = json.loads(marker.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if (source.get("spec"), source.get("columns")) == (wanted["spec"], wanted["columns"]) and needed <= {
+                    tuple(image) for image in source.get("images", [])}:
+                return marker.parent
+        return None
 
     def feature_key(self) -> str:
         """Identity of the features: the spec and every training file with its modification time."""
@@ -129,9 +160,15 @@ class FitContext:
     def _key_source(self) -> str:
         return json.dumps({
             "spec": dataclasses.asdict(self.spec),
-            "columns": level_columns(len(self.spec.levels)),
+            "columns": cache_columns(self.spec),
             "images": sorted((sample.image, Path(sample.image).stat().st_mtime) for sample in self.samples),
         })
+
+
+def _rows_of_images(batch: dict[str, Any], images: list[str]) -> dict[str, Any]:
+    """The rows of the batch whose `image` is one of `images` (sorted)."""
+    keep = np.isin(batch["image"].astype(str), images)
+    return {key: value[keep] for key, value in batch.items()}
 
 
 DistributedFit = Callable[[Any, FitContext], AnomalyMethod]

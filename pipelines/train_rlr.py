@@ -28,10 +28,12 @@ import math
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -41,10 +43,21 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
 from reconray.methods.errors import DatasetError
-from reconray.methods.rlr import RLR, budget_spent, epoch_record, jitter_seed, make_optimizer, train_epoch
+from reconray.methods.rlr import (
+    RLR,
+    LRSchedule,
+    budget_spent,
+    category_repeats,
+    channel_statistics,
+    epoch_record,
+    jitter_seed,
+    make_optimizer,
+    patience_ran_out,
+    train_epoch,
+)
 from reconray.pipelines.console import FILE_ONLY_LOGGER, stage
 from reconray.pipelines.fitting import FitContext, TrainConfig, register_distributed_fit, worker_cpus
-from reconray.pipelines.ingest import feature_batches, level_columns, level_count
+from reconray.pipelines.ingest import as_tensor, feature_batches, level_columns, level_count
 from reconray.pipelines.report import scatter_plot
 from reconray.pipelines.validation import validation_metrics
 
@@ -110,18 +123,25 @@ def train_rlr(
         on_epoch: called on the driver with each finished epoch's record (a Tune trial passes `ray.tune.report`).
     """
     training = training or TrainConfig()
-    columns, channels, grids = _feature_layout(train_features)
+    survey = _survey(train_features)
+    columns = survey.columns
+    use_gpu = training.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
+    method.use_recipe(use_gpu)
+    options = method.options
     name = run_name(method, data_key)
     _say_resume_or_fresh(Path(run_dir), name)
-    use_gpu = training.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
     cpus = worker_cpus(training)
     logger.info("rlr: %d worker(s) with %g CPU(s)%s each", training.num_workers, cpus, " and a GPU" if use_gpu else "")
+    train_features, rows = _sampled(train_features, options.sampling, survey.counts)
+    images_per_worker = rows // training.num_workers  # Ray Train splits the rows equally
     epochs = _EpochChannel.remote()
     config = {
-        "options": method.options.model_dump(),
+        "options": options.model_dump(),
         "columns": columns,
-        "channels": channels,
-        "grids": grids,
+        "channels": survey.channels,
+        "grids": survey.grids,
+        "statistics": survey.statistics if options.standardize else None,
+        "steps_per_epoch": math.ceil(images_per_worker / options.batch_size),
         "threads": max(1, math.floor(cpus)),
         "checkpoint_every": training.checkpoint_every,
         "validate_every": training.validate_every,
@@ -143,16 +163,19 @@ def train_rlr(
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECTION_METRIC,
                                                checkpoint_score_order="max") if validation else CheckpointConfig(),
         ),
-        datasets={"train": _streamable(train_features, training.num_workers * cpus)},
+        datasets={"train": _streamable(train_features.select_columns(columns), training.num_workers * cpus)},
     )
     result = _fit_showing_epochs(trainer, epochs, method.options.epochs, on_epoch)
     if result.checkpoint is None:
         raise RuntimeError(f"rlr run {name!r} in {run_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         reached = json.loads(Path(directory, PROGRESS_FILE).read_text())
-    if reached["epoch"] < method.options.epochs:
+    if reached.get("early_stop"):
+        logger.info("rlr: early stop after epoch %d of %d: %d scored epochs in a row did not beat the best",
+                    reached["epoch"], options.epochs, options.patience)
+    elif reached["epoch"] < options.epochs:
         logger.info("rlr: the time budget of %g s ran out after epoch %d of %d (%.0f s of training)",
-                    method.options.time_budget_s, reached["epoch"], method.options.epochs, reached["elapsed_s"])
+                    options.time_budget_s, reached["epoch"], options.epochs, reached["elapsed_s"])
     chosen = result.get_best_checkpoint(SELECTION_METRIC, "max") if validation else result.checkpoint
     with chosen.as_directory() as directory:
         tensors = load_file(Path(directory, MODEL_FILE))
@@ -163,7 +186,7 @@ def train_rlr(
         logger.info("rlr: kept epoch %d of %d, validation %s %.4f (best of %d scored epochs; curve in %s)",
                     progress["epoch"], reached["epoch"], SELECTION_METRIC, progress[SELECTION_METRIC], len(history),
                     Path(run_dir) / name / VALIDATION_PLOT)
-    return method.load_trained(tensors, channels, grids, {**progress, "checkpoint": chosen.path})
+    return method.load_trained(tensors, survey.channels, survey.grids, {**progress, "checkpoint": chosen.path})
 
 
 def run_name(method: RLR, data_key: str) -> str:
@@ -251,16 +274,68 @@ def _streamable(train_features: ray.data.Dataset, reserved_cpus: float) -> ray.d
     return train_features.randomize_block_order()
 
 
-def _feature_layout(train_features: ray.data.Dataset) -> tuple[list[str], list[int], list[list[int]]]:
-    """Reads the level columns, channels and grids from the first row (finest level first)."""
-    rows = train_features.take_batch(1, batch_format="numpy")
-    if not rows or not len(next(iter(rows.values()))):
-        raise DatasetError("rlr: the training feature dataset is empty (no normal images?)")
-    columns = level_columns(level_count(rows))
-    shapes = [rows[column].shape[1:] for column in columns]
-    if any(len(shape) != 3 for shape in shapes):
-        raise DatasetError(f"rlr: feature columns must hold (C, H, W) arrays, got shapes {shapes}")
-    return columns, [int(shape[0]) for shape in shapes], [[int(shape[1]), int(shape[2])] for shape in shapes]
+@dataclasses.dataclass(frozen=True)
+class _Survey:
+    """What one pass of the driver over the training features tells it before training starts.
+
+    Attributes:
+        columns: the level columns, finest first; channels and grids: per level.
+        counts: rows per category ({"": rows} for features without a `category` column).
+        statistics: per level, `[mean, std]` of every channel (`methods.rlr.channel_statistics`), as plain lists
+            so the config travels to the workers as plain data.
+    """
+
+    columns: list[str]
+    channels: list[int]
+    grids: list[list[int]]
+    counts: dict[str, int]
+    statistics: list[list[list[float]]]
+
+
+def _survey(train_features: ray.data.Dataset) -> _Survey:
+    """Reads the features once: their layout from the first batch, the category counts and channel statistics."""
+    layout: list[tuple[list[str], list[tuple[int, ...]]]] = []
+    counts: Counter[str] = Counter()
+
+    def level_batches() -> Iterator[list[torch.Tensor]]:
+        for batch in train_features.iter_batches(batch_size=256, batch_format="numpy"):
+            if not layout:
+                columns = level_columns(level_count(batch))
+                layout.append((columns, [batch[column].shape[1:] for column in columns]))
+            columns, shapes = layout[0]
+            if any(len(shape) != 3 for shape in shapes):
+                raise DatasetError(f"rlr: feature columns must hold (C, H, W) arrays, got shapes {shapes}")
+            counts.update(str(category) for category in batch.get("category", [""] * len(batch[columns[0]])))
+            yield [as_tensor(batch[column]) for column in columns]
+
+    try:
+        statistics = channel_statistics(level_batches())
+    except DatasetError as error:
+        if layout:
+            raise
+        raise DatasetError("rlr: the training feature dataset is empty (no normal images?)") from error
+    columns, shapes = layout[0]
+    return _Survey(columns, [int(shape[0]) for shape in shapes], [[int(shape[1]), int(shape[2])] for shape in shapes],
+                   dict(counts), [[mean.tolist(), std.tolist()] for mean, std in statistics])
+
+
+def _sampled(train_features: ray.data.Dataset, sampling: str, counts: dict[str, int]) -> tuple[ray.data.Dataset, int]:
+    """The rows one epoch reads, and how many: each once ("shuffle"), or each category's repeated to match the
+    largest one ("balanced", `methods.rlr.category_repeats`), so a unified model sees its small categories as often.
+    Features without a `category` column are one category."""
+    if sampling == "shuffle" or "" in counts:
+        return train_features, sum(counts.values())
+    repeats = category_repeats(counts)
+    logger.info("rlr: balanced sampling, one epoch reads %s", ", ".join(
+        f"{category} {counts[category]} x {repeats[category]}" for category in sorted(counts)))
+    balanced = train_features.map_batches(_repeat_rows, fn_kwargs={"repeats": repeats}, batch_format="numpy")
+    return balanced, sum(counts[category] * repeats[category] for category in counts)
+
+
+def _repeat_rows(batch: dict[str, Any], repeats: dict[str, int]) -> dict[str, Any]:
+    """Every row of the batch `repeats[category]` times."""
+    rows = np.repeat(np.arange(len(batch["category"])), [repeats[str(category)] for category in batch["category"]])
+    return {key: value[rows] for key, value in batch.items()}
 
 
 def _train_func(config: dict[str, Any]) -> None:
@@ -269,6 +344,8 @@ def _train_func(config: dict[str, Any]) -> None:
     options = method.options
     torch.set_num_threads(config["threads"])
     model = method.build_model(config["channels"], config["grids"])
+    if config["statistics"] is not None:
+        model.set_feature_statistics([(torch.tensor(mean), torch.tensor(std)) for mean, std in config["statistics"]])
     start_epoch, history, optimizer_tensors, earlier_s, validation_history = 0, [], None, 0.0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -280,9 +357,10 @@ def _train_func(config: dict[str, Any]) -> None:
             validation_history = progress.get("validation_history", [])
     # Buffers (window indexes, masks, position codes) are fixed by the grid: no need to broadcast them every step.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
-    optimizer = make_optimizer(model, options.lr)
+    optimizer = make_optimizer(model, options.lr, options.reference_lr)
     if optimizer_tensors is not None:
         _load_optimizer_tensors(optimizer, optimizer_tensors)
+    schedule = LRSchedule(options, config["steps_per_epoch"], step=start_epoch * config["steps_per_epoch"])
 
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
@@ -301,13 +379,15 @@ def _train_func(config: dict[str, Any]) -> None:
             local_shuffle_seed=options.seed + epoch,
         )
         level_batches = ([batch[column] for column in config["columns"]] for batch in batches)
-        loss_sum, images = train_epoch(model, optimizer, level_batches, options.jitter, options.precision)
+        loss_sum, images = train_epoch(model, optimizer, level_batches, options, schedule)
         loss_sum, images = _sum_over_workers(loss_sum, images, device)
         now = time.perf_counter()
-        record = epoch_record(epoch + 1, loss_sum, images, now - epoch_started, earlier_s + now - started, history,
-                              start_epoch)
+        elapsed = _max_over_workers(earlier_s + now - started, device)  # the same time-budget decisions everywhere
+        record = epoch_record(epoch + 1, loss_sum, images, now - epoch_started, elapsed, history, start_epoch)
+        record["steps"] = schedule.step
         history = record["losses"]
-        out_of_time = _on_every_worker(budget_spent(options, record["elapsed_s"]), device)
+        schedule.fit_budget(elapsed)
+        out_of_time = budget_spent(options, elapsed)
         last = epoch + 1 == options.epochs or out_of_time
         checkpointing = last or (epoch + 1) % config["checkpoint_every"] == 0
         validating = validation is not None and (checkpointing or (epoch + 1) % config["validate_every"] == 0)
@@ -315,6 +395,11 @@ def _train_func(config: dict[str, Any]) -> None:
             record |= _validate(method, model, config, validation_batches, validation.image_size)
             validation_history.append({"epoch": record["epoch"], SELECTION_METRIC: record[SELECTION_METRIC]})
             record["validation_history"] = list(validation_history)
+        if validating and options.patience is not None:
+            scores = [entry[SELECTION_METRIC] for entry in validation_history]
+            rank_0_says = rank == 0 and patience_ran_out(scores, options.patience)  # only rank 0 holds the scores
+            record["early_stop"] = _max_over_workers(float(rank_0_says), device) > 0
+            last = last or record["early_stop"]
         if rank == 0:
             config["epochs"].post.remote(record)
         if checkpointing or validating:
@@ -325,7 +410,7 @@ def _train_func(config: dict[str, Any]) -> None:
                 ray.train.report(_scalars(record), checkpoint=checkpoint)
         else:
             ray.train.report(_scalars(record))
-        if out_of_time:
+        if last:
             break
 
 
@@ -363,13 +448,14 @@ def _sum_over_workers(loss_sum: float, images: int, device: torch.device) -> tup
     return float(totals[0]), int(totals[1])
 
 
-def _on_every_worker(flag: bool, device: torch.device) -> bool:
-    """True on every worker when it is true on any: they must stop at the same epoch, or DDP would wait forever."""
+def _max_over_workers(value: float, device: torch.device) -> float:
+    """The largest `value` over the workers: decisions taken from it (stop now, the schedule's horizon) are then the
+    same on every worker, so they stop at the same epoch (DDP would wait forever) with equal weights."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 def _write_checkpoint(

@@ -81,18 +81,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampling": {"choice": ["sparse", "coreset", "random"]},
     },
     "rlr": {
-        "lr": {"loguniform": [1e-4, 3e-3]},
+        "lr": {"loguniform": [3e-4, 1e-2]},
+        "reference_lr": {"loguniform": [1e-3, 1e-1]},
+        "warmup": {"choice": [0.0, 0.05]},
+        "batch_size": {"choice": [4, 8, 16]},
         "layers": {"choice": [1, 2]},
         "d_model": {"choice": [32, 64]},
         "heads": 4,
-        "jitter": {"choice": [1.0, 2.0, 4.0]},
+        "jitter": {"choice": [0.2, 0.4, 0.8]},
         "ref_len": {"choice": [1, 2]},
         "epochs": {"choice": [8, 16]},
     },
 }
 """Documented default search spaces per method: the options the method's notes name as the levers of quality and
-cost, over ranges around the defaults (`--preset NAME`). rlr's preset is CPU-sized (narrow, short models; the
-reference's width and 200 epochs are a GPU budget); ASHA stops its weak trials early."""
+cost, over ranges around the defaults (`--preset NAME`). rlr's preset searches around the CPU recipe
+(`methods.rlr.RECIPES["cpu"]`, which fills the options it leaves out: cosine decay, rms jitter, standardised
+features, balanced sampling): narrow, short models, since the reference's width and 200 epochs are a GPU budget;
+ASHA stops its weak trials early."""
 
 
 @dataclasses.dataclass

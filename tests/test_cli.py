@@ -325,6 +325,8 @@ def test_run_default_compares_every_method_on_a_tiny_synthetic_set(ray_session, 
     assert all((out / plot).is_file() for plot in plots)
     assert re.search(r"^method +image_auroc +pixel_auroc +aupro +fit_s$", caplog.text, re.MULTILINE)
     assert (out / "work" / "cache").is_dir() and not (out / "models" / "rlr" / "cache").exists()
+    # rlr holds a validation split out, so it fits fewer images: it reads their rows of the bank methods' cache.
+    assert len(list((out / "work" / "cache").iterdir())) == 1 and "from a cache of more images" in caplog.text
     # rlr kept the checkpoint that scored best on a painted validation split of its training images.
     info = json.loads((out / "models" / "rlr" / "config.json").read_text())["method_info"]
     assert [entry["epoch"] for entry in info["validation_history"]] == [1] and 0.0 <= info["mean_auroc"] <= 1.0

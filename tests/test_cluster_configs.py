@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from reconray.methods import create_method
-from reconray.pipelines.cli import _key_values, _parser
+from reconray.pipelines.cli import _parser, parse_key_values
 from reconray.pipelines.serve import ServeOptions
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
@@ -36,7 +36,7 @@ def test_every_reconray_command_in_cluster_configs_parses_with_the_real_cli() ->
     for command in commands:
         args = _parser().parse_args(command)  # argparse exits on an unknown flag or a bad value
         if args.command == "fit":
-            create_method(args.method, **_key_values(args.options))  # --set values are real, valid options
+            create_method(args.method, **parse_key_values(args.options))  # --set values are real, valid options
 
 
 def test_rayservice_args_are_valid_serve_options() -> None:

@@ -7,13 +7,20 @@ import torch
 
 from reconray.methods.errors import NotFittedError, OptionError
 from reconray.methods.rlr import (
+    RECIPES,
     RLR,
+    LRSchedule,
     RLRModel,
     add_jitter,
+    category_repeats,
+    channel_statistics,
     check_grid,
     local_window_mask,
+    make_optimizer,
+    patience_ran_out,
     resolve_precision,
     token_scores,
+    train_step,
     window_blocks,
     window_size,
 )
@@ -94,6 +101,7 @@ def test_efficient_model_matches_the_dense_oracle(grids, ref_len):
     torch.manual_seed(0)
     channels = [6, 10][: len(grids)]
     efficient = RLRModel(channels, grids, d_model=16, heads=2, layers=1, ref_len=ref_len).double()
+    efficient.set_feature_statistics([(torch.randn(c), torch.rand(c) + 0.5) for c in channels])
     oracle = RLRReferenceModel(channels, grids, d_model=16, heads=2, layers=1, ref_len=ref_len).double()
     oracle.load_state_dict(efficient.state_dict())
     features = [torch.randn(2, c, *grid, dtype=torch.float64) for c, grid in zip(channels, grids, strict=True)]
@@ -149,6 +157,116 @@ def test_jitter_scales_with_the_token_norm_over_channels():
     assert torch.equal(add_jitter(features, 0.0), features)
     noise = add_jitter(features, 4.0) - features
     assert noise.std().item() == pytest.approx(0.75 * 4.0, rel=0.02)
+
+
+def test_rms_jitter_is_the_same_share_of_the_token_on_any_channel_count():
+    torch.manual_seed(0)
+    for channels in (16, 64):
+        features = torch.ones(64, channels, 8, 8) * 3.0  # every token's root-mean-square is 3
+        noise = add_jitter(features, 0.5, "rms") - features
+        assert noise.std().item() == pytest.approx(3.0 * 0.5, rel=0.02)
+    with pytest.raises(OptionError, match="jitter_unit 'percent' is invalid"):
+        add_jitter(features, 0.5, "percent")
+
+
+def test_the_schedule_warms_up_linearly_then_decays_along_a_cosine_to_zero():
+    options = RLR.Options(epochs=10, lr_schedule="cosine", warmup=0.1)
+    schedule = LRSchedule(options, steps_per_epoch=10)  # 100 steps, 10 of them warm-up
+    factors = [schedule.factor(step) for step in range(100)]
+    assert factors[:10] == pytest.approx([(step + 1) / 11 for step in range(10)])
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[55] == pytest.approx(0.5, abs=1e-9)  # half-way through the decay
+    assert all(later < earlier for earlier, later in zip(factors[10:], factors[11:], strict=False))
+    assert factors[99] < 1e-3
+    constant = LRSchedule(RLR.Options(epochs=10, warmup=0.1), steps_per_epoch=10)
+    assert [constant.factor(step) for step in (0, 9, 10, 99)] == pytest.approx([1 / 11, 10 / 11, 1.0, 1.0])
+
+
+def test_a_time_budget_moves_the_end_of_the_decay_to_where_the_budget_runs_out():
+    schedule = LRSchedule(RLR.Options(epochs=100, lr_schedule="cosine", time_budget_s=60.0), steps_per_epoch=10)
+    assert schedule.horizon == 1000
+    schedule.step = 10
+    schedule.fit_budget(elapsed_s=3.0)  # 10 steps in 3 s: the budget holds 200
+    assert schedule.horizon == 200 and schedule.factor(100) == pytest.approx(0.5) and schedule.factor(199) < 1e-3
+    schedule.fit_budget(elapsed_s=0.1)  # a faster pace never stretches it past the epochs
+    assert schedule.horizon == 1000
+
+
+def test_the_reference_tokens_learn_at_their_own_rate():
+    torch.manual_seed(0)
+    model = RLRModel([6, 12], [(8, 8), (4, 4)], d_model=16, heads=2, layers=1)
+    optimizer = make_optimizer(model, lr=1e-4, reference_lr=1e-2)
+    reference_group = next(group for group in optimizer.param_groups if group["base_lr"] == 1e-2)
+    assert {id(param) for param in reference_group["params"]} == {id(level.reference) for level in model.levels}
+    options = RLR.Options(epochs=1, lr=1e-4, reference_lr=1e-2, lr_schedule="cosine", warmup=0.5, precision="float32")
+    schedule = LRSchedule(options, steps_per_epoch=4)
+    before = [level.reference.detach().clone() for level in model.levels]
+    weights = model.levels[0].projection.weight.detach().clone()
+    train_step(model, optimizer, [torch.randn(2, 6, 8, 8), torch.randn(2, 12, 4, 4)], options, schedule)
+    # Adam's first step moves every weight by its rate (times the sign of its gradient): here warm-up's 1/3 of each.
+    assert reference_group["lr"] == pytest.approx(1e-2 / 3)
+    moved = (model.levels[0].reference.detach() - before[0]).abs()
+    assert moved.median().item() == pytest.approx(1e-2 / 3, rel=1e-3)
+    assert (model.levels[0].projection.weight.detach() - weights).abs().median().item() == pytest.approx(
+        1e-4 / 3, rel=1e-3)
+    assert not torch.equal(model.levels[1].reference, before[1])
+
+
+def test_feature_statistics_put_the_output_on_the_features_scale():
+    """With its output projection at zero a standardised model predicts each channel's training mean: the
+    reparametrisation starts the output at the features' scale, where a raw one starts at zero."""
+    torch.manual_seed(0)
+    features = [torch.randn(8, 6, 8, 8) * 5 + 10, torch.randn(8, 12, 4, 4) * 4 - 3]
+    statistics = channel_statistics([[level[:4] for level in features], [level[4:] for level in features]])
+    for (mean, std), level in zip(statistics, features, strict=True):
+        assert torch.allclose(mean, level.double().mean(dim=(0, 2, 3)).float(), atol=1e-4)
+        assert torch.allclose(std, level.double().std(dim=(0, 2, 3), unbiased=False).float(), atol=1e-4)
+    raw = RLRModel([6, 12], [(8, 8), (4, 4)], d_model=16, heads=2, layers=1)
+    standardized = RLRModel([6, 12], [(8, 8), (4, 4)], d_model=16, heads=2, layers=1)
+    standardized.set_feature_statistics(statistics)
+    for model in (raw, standardized):
+        for level in model.levels:
+            torch.nn.init.zeros_(level.projection.weight)
+            torch.nn.init.zeros_(level.projection.bias)
+    with torch.no_grad():
+        for (mean, _), output in zip(statistics, standardized(features), strict=True):
+            assert torch.allclose(output, mean[None, :, None, None].expand_as(output))
+        assert all(output.abs().max().item() == 0 for output in raw(features))
+    with pytest.raises(Exception, match="no training features"):
+        channel_statistics([])
+
+
+def test_balanced_sampling_repeats_each_category_to_match_the_largest():
+    assert category_repeats({"magnetic_tile": 460, "kos": 280, "wood": 23, "nut": 30}) == {
+        "magnetic_tile": 1, "kos": 2, "wood": 20, "nut": 15}
+    assert category_repeats({"only": 5}) == {"only": 1}
+
+
+def test_early_stopping_waits_for_patience_scores_without_a_new_best():
+    assert not patience_ran_out([0.5, 0.6, 0.6], None)
+    assert not patience_ran_out([0.5, 0.6], 2)  # too few scores to judge
+    assert patience_ran_out([0.5, 0.6, 0.6, 0.55], 2)  # ties do not count as progress
+    assert not patience_ran_out([0.5, 0.6, 0.55, 0.61], 2)
+
+
+def test_the_recipe_fills_only_what_the_user_left_unset_and_says_which(caplog):
+    caplog.set_level("INFO", logger="reconray")
+    laptop = RLR(lr=5e-4)
+    laptop.use_recipe(gpu=False)
+    assert laptop.options.recipe == "cpu" and laptop.options.lr == 5e-4
+    assert {key: getattr(laptop.options, key) for key in RECIPES["cpu"] if key != "lr"} == {
+        key: value for key, value in RECIPES["cpu"].items() if key != "lr"}
+    assert "rlr: cpu recipe (auto: no GPU to train on); it sets epochs=" in caplog.text
+    again = RLR(**laptop.options.model_dump())
+    again.use_recipe(gpu=True)  # a resolved recipe stays what it is
+    assert again.options == laptop.options
+    gpu = RLR()
+    gpu.use_recipe(gpu=True)
+    assert gpu.options.recipe == "reference" and gpu.options == RLR.Options(recipe="reference")
+    assert "rlr: reference recipe (auto: training on a GPU)" in caplog.text
+    forced = RLR(recipe="reference")
+    forced.use_recipe(gpu=False)
+    assert forced.options.d_model == 256 and forced.options.lr_schedule == "constant"
 
 
 def test_token_scores_are_zero_for_perfect_reconstruction_and_localise_errors():

@@ -15,22 +15,24 @@ import ray
 import ray.train
 import torch
 
-from reconray.methods.rlr import RLR
+from reconray.methods.rlr import RLR, patience_ran_out
 from reconray.pipelines.fitting import TrainConfig, worker_cpus
-from reconray.pipelines.train_rlr import PROGRESS_FILE, ValidationFeatures, run_name, train_rlr
+from reconray.pipelines.train_rlr import PROGRESS_FILE, ValidationFeatures, _sampled, _survey, run_name, train_rlr
 
 
 @pytest.fixture(scope="module")
 def features(ray_session) -> ray.data.Dataset:
-    """16 'normal images' as two feature levels (6x8x8 and 12x4x4): stripes at random phases, like textures."""
+    """16 'normal images' as two feature levels (6x8x8 and 12x4x4): stripes at random phases, like textures; 12 of
+    category "wide", 4 of "narrow" (the CPU recipe's balanced sampling reads narrow's 3 times: 24 per epoch)."""
     rng = np.random.default_rng(0)
     rows = []
-    for _ in range(16):
+    for index in range(16):
         phase = rng.uniform(0, 2 * math.pi)
         fine = np.sin(np.arange(8)[None, :, None] / 2 + phase + np.arange(6)[:, None, None]) + 1.5
         fine = np.broadcast_to(fine, (6, 8, 8)).astype(np.float32)
         coarse = fine.reshape(6, 4, 2, 4, 2).mean(axis=(2, 4))
-        rows.append({"level_0": fine, "level_1": np.concatenate([coarse, coarse]).astype(np.float32)})
+        rows.append({"level_0": fine, "level_1": np.concatenate([coarse, coarse]).astype(np.float32),
+                     "category": "wide" if index < 12 else "narrow"})
     return ray.data.from_items(rows).materialize()
 
 
@@ -39,7 +41,11 @@ EPOCHS = 12
 
 
 def _method(**options) -> RLR:
-    return RLR(**({"d_model": 16, "heads": 2, "layers": 1, "lr": 3e-3, "jitter": 1.0, "batch_size": 4} | options))
+    """A tiny model with the CPU recipe, resolved up front (as `train_rlr` does) so `run_name` names its run; every
+    image once per epoch unless a test asks for balanced sampling (the repeats add a Ray Data stage to each epoch)."""
+    method = RLR(**({"d_model": 16, "heads": 2, "layers": 1, "batch_size": 4, "sampling": "shuffle"} | options))
+    method.use_recipe(gpu=False)
+    return method
 
 
 def _training(**settings) -> TrainConfig:
@@ -121,9 +127,10 @@ def test_a_worker_holding_every_cpu_still_gets_its_features(features, tmp_path):
     reach it (materialized first) instead of the run waiting forever on a stream that cannot start."""
     features.write_parquet(str(tmp_path / "cache"))
     streamed = ray.data.read_parquet(str(tmp_path / "cache"))
-    method = _method(epochs=2)
+    method = _method(epochs=2, sampling="balanced")
     fitted = train_rlr(streamed, method, tmp_path / "runs", _training(cpus_per_worker=2.0, max_failures=0))
     assert fitted.info["epoch"] == 2
+    assert fitted.info["images"] == 12 + 3 * 4  # every epoch read narrow's 4 images 3 times
     assert sorted(_checkpointed_losses(tmp_path / "runs" / run_name(method, ""))) == [1, 2]
 
 
@@ -138,7 +145,8 @@ def test_a_time_budget_stops_every_worker_at_the_same_epoch_and_keeps_that_check
 
 def test_with_a_validation_split_the_best_scoring_checkpoint_is_kept(features, tmp_path, caplog):
     """Two normal and two 'defective' images (a bright square on both levels, its mask at 32 px); every epoch is
-    scored and checkpointed, Ray Train keeps the best and the latest, and the model is the best."""
+    scored and checkpointed, Ray Train keeps the best and the latest, and the model is the best. With patience 2,
+    training ends at the first epoch where two scores in a row have not beaten the best before them."""
     rows = features.take_batch(4)
     fine, coarse = rows["level_0"].copy(), rows["level_1"].copy()
     fine[2:, :, 2:5, 2:5] += 4.0
@@ -148,7 +156,7 @@ def test_with_a_validation_split_the_best_scoring_checkpoint_is_kept(features, t
     batch = {"level_0": fine, "level_1": coarse, "category": np.array(["stripes"] * 4), "label": np.array([0, 0, 1, 1]),
              "gt_mask": masks}
     caplog.set_level("INFO", logger="reconray")
-    method = _method(epochs=4)
+    method = _method(epochs=6, patience=2)
     fitted = train_rlr(features, method, tmp_path, _training(max_failures=0, checkpoint_every=10),
                        validation=ValidationFeatures(ray.put([batch]), 32))
     history = fitted.info["validation_history"]
@@ -156,10 +164,27 @@ def test_with_a_validation_split_the_best_scoring_checkpoint_is_kept(features, t
     run = tmp_path / run_name(method, "")
     last = json.loads(max(run.glob(f"checkpoint_*/{PROGRESS_FILE}"), key=lambda path: path.parent.name).read_text())
     scores = {entry["epoch"]: entry["mean_auroc"] for entry in last["validation_history"]}
-    assert sorted(scores) == [1, 2, 3, 4]
+    assert sorted(scores) == list(range(1, last["epoch"] + 1))  # every epoch was scored
     assert fitted.info["mean_auroc"] == max(scores.values()) == scores[fitted.info["epoch"]]
     assert sum(path.is_dir() for path in run.glob("checkpoint_*")) <= 2 and (run / "validation.png").is_file()
-    assert f"rlr: kept epoch {fitted.info['epoch']} of 4, validation mean_auroc" in caplog.text
+    assert f"rlr: kept epoch {fitted.info['epoch']} of {last['epoch']}, validation mean_auroc" in caplog.text
+    curve = [scores[epoch] for epoch in sorted(scores)]
+    ran_out = [patience_ran_out(curve[:epoch], 2) for epoch in range(1, len(curve) + 1)]
+    assert last["early_stop"] == ran_out[-1] and not any(ran_out[:-1])  # stopped at the first chance, not later
+    assert last["early_stop"] or last["epoch"] == 6
+    assert ("rlr: early stop after epoch" in caplog.text) == last["early_stop"]
+
+
+def test_balanced_sampling_reads_every_category_about_as_often_as_the_largest(features):
+    survey = _survey(features)
+    assert survey.counts == {"wide": 12, "narrow": 4} and survey.channels == [6, 12]
+    assert survey.grids == [[8, 8], [4, 4]] and len(survey.statistics[1][0]) == 12  # a mean per channel
+    balanced, rows = _sampled(features, "balanced", survey.counts)
+    categories = [row["category"] for row in balanced.select_columns(["category"]).take_all()]
+    assert rows == len(categories) == 24 and categories.count("wide") == categories.count("narrow") == 12
+    assert _sampled(features, "shuffle", survey.counts)[1] == 16
+    uncategorised = _survey(features.drop_columns(["category"]))
+    assert uncategorised.counts == {"": 16} and _sampled(features, "balanced", uncategorised.counts)[1] == 16
 
 
 def test_a_single_worker_takes_every_cpu_of_the_node_unless_told_otherwise(ray_session) -> None:

@@ -112,9 +112,9 @@ def test_a_sweep_whose_every_trial_fails_is_an_error_with_a_summary(ray_session,
 def test_an_rlr_asha_sweep_stops_the_weak_trial_early(ray_session, synthetic_root: Path, tmp_path: Path) -> None:
     """Each rlr trial drives a TorchTrainer whose worker scores the validation split every epoch; at a learning rate
     that barely moves the weights, the second trial falls far below the first by ASHA's rung at epoch 4 of 6 (rungs
-    1, 2, 4) and is stopped there."""
+    1, 2, 4) and is stopped there (the reference recipe: one learning rate for every weight, the reference's too)."""
     out = tmp_path / "sweep"
-    space = {"lr": {"grid": [3e-3, 1e-6]}, "d_model": 32, "heads": 4, "layers": 1, "epochs": 6}
+    space = {"lr": {"grid": [3e-3, 1e-6]}, "d_model": 32, "heads": 4, "layers": 1, "epochs": 6, "recipe": "reference"}
     summary = tune_method(synthetic_root, "rlr", out, space=space, num_samples=1, max_concurrent=1,
                           categories=["nut"], image_size=64)
     by_lr = {row["lr"]: row for row in summary.trials}
