@@ -742,7 +742,7 @@ class RLR(AnomalyMethod):
         return self.options.select == "validation"
 
     def use_recipe(self, gpu: bool) -> None:
-        """Fills every option the user did not set from the recipe (`recipe_options`) and logs which and why."""
+        """Fills every option the user did not set from its recipe (`RECIPES`, `pick_recipe`) and logs which and why."""
         recipe, reason = pick_recipe(self.options.recipe, gpu)
         unset = set(RLR.Options.model_fields) - self.options.model_fields_set
         filled = {key: value for key, value in RECIPES[recipe].items() if key in unset}
