@@ -301,9 +301,10 @@ class FeatureScale(nn.Module):
     """Per-channel mean and standard deviation of a level's training features (identity until set).
 
     The model reads standardised features and its output is mapped back to the features' own scale, so loss and
-    scores stay the reference's, measured on the raw features. It is a reparametrisation: without it the output
-    projection starts about 10x too small for lite0's features (std 4-6) and Adam, which moves a weight by about
-    its learning rate per step, takes thousands of steps to grow it.
+    scores stay the reference's, measured on the raw features. It is a reparametrisation: without it an output
+    projection initialised for unit scale starts far below the scale of lite0's features, and Adam, which moves a
+    weight by about its learning rate per step, spends thousands of steps growing it (benchmarks/RESULTS.md, "RLR
+    training recipe").
     """
 
     def __init__(self, channels: int) -> None:
