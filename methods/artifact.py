@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from reconray.methods.backbone import FeatureExtractor
 from reconray.methods.base import METHODS, AnomalyMethod, MethodState
-from reconray.methods.errors import ArtifactError
+from reconray.methods.errors import ArtifactError, OptionError
 from reconray.methods.scoring import Scorer
 
 SCHEMA_VERSION = 2
@@ -72,11 +72,25 @@ class ArtifactConfig(pydantic.BaseModel):
     method_info: dict[str, Any] = {}
     spec: ModelSpec
     threshold: float | None = None
+    category_thresholds: dict[str, float] = {}
     categories: list[str] = []
     fit: FitRecord = FitRecord()
     bank_vectors: int | None = None
     bank_bytes: int | None = None
     sha256: dict[str, str] = {}
+
+    def threshold_for(self, category: str | None = None) -> float | None:
+        """The threshold that decides for an image of `category`: the category's own calibrated one, the global one
+        for a category calibrated without held-out images, and the global one when no category is named.
+
+        Raises:
+            OptionError: `category` is not one the model was fitted on; the message lists those.
+        """
+        if category is None:
+            return self.threshold
+        if category not in self.categories:
+            raise OptionError(f"unknown category {category!r}: the model was fitted on {self.categories}")
+        return self.category_thresholds.get(category, self.threshold)
 
 
 @dataclasses.dataclass
@@ -94,6 +108,9 @@ class Artifact:
     @property
     def threshold(self) -> float | None:
         return self.config.threshold
+
+    def threshold_for(self, category: str | None = None) -> float | None:
+        return self.config.threshold_for(category)
 
     @property
     def categories(self) -> list[str]:
@@ -166,10 +183,14 @@ def load_artifact(directory: str | Path) -> Artifact:
     return Artifact(method=method_class.from_state(state), config=config, sha256=_sha256(directory / CONFIG_FILE))
 
 
-def set_threshold(directory: str | Path, threshold: float | None) -> None:
-    """Stores a (re)calibrated decision threshold; config.json is rewritten atomically, the tensors untouched."""
+def set_thresholds(
+    directory: str | Path, threshold: float | None, category_thresholds: dict[str, float] | None = None
+) -> None:
+    """Stores (re)calibrated decision thresholds, the global one and one per category; config.json is rewritten
+    atomically, the tensors untouched."""
     config = read_config(directory)
-    _write_config(Path(directory), config.model_copy(update={"threshold": threshold}))
+    update = {"threshold": threshold, "category_thresholds": dict(category_thresholds or {})}
+    _write_config(Path(directory), config.model_copy(update=update))
 
 
 def read_config(directory: str | Path) -> ArtifactConfig:

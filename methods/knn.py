@@ -7,7 +7,9 @@ either when a GPU is present. Saved indexes are always CPU indexes (`faiss.write
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 
 import faiss
 import numpy as np
@@ -16,6 +18,12 @@ IVF_MIN_VECTORS = 200_000
 """Banks at least this large get an IVF index by default: exact search over them costs seconds per image on CPU."""
 
 _TRAIN_POINTS_PER_CELL = 64
+
+RECALL_QUERIES = 1024
+"""Held-out vectors the recall of a search setting is measured on: its standard error at a recall of 0.95 is about
+0.007 / sqrt(k), well below the gaps between the settings of a ladder."""
+NPROBE_LADDER = (1, 2, 4, 8, 16, 32, 64, 128)
+"""IVF cells visited per query that `choose_search` tries, cheapest first."""
 
 
 def build_index(
@@ -106,3 +114,145 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 def index_bytes(index: faiss.Index) -> int:
     """Serialized size of `index` in bytes: what the bank costs on disk and, roughly, in memory."""
     return int(faiss.serialize_index(to_cpu(index)).nbytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchChoice:
+    """A search setting chosen by `choose_search`, with what it was measured to deliver.
+
+    Attributes:
+        kind: "flat" or "ivf".
+        search_dims: PCA dimensions searched (0 = the full vectors).
+        nlist: IVF cells (0 for a flat index).
+        nprobe: IVF cells visited per query (0 for a flat index).
+        recall: measured recall@k against exact full-width search, on `queries` held-out vectors.
+        target: the recall it had to reach.
+        k: neighbours the recall counts.
+        queries: how many held-out vectors it was measured on.
+        cost: estimated multiply-adds per query (`search_cost`), what "cheapest" means.
+        exact_cost: the same for exact full-width search, for scale.
+    """
+
+    kind: str
+    search_dims: int
+    nlist: int
+    nprobe: int
+    recall: float
+    target: float
+    k: int
+    queries: int
+    cost: float
+    exact_cost: float
+
+    def describe(self) -> str:
+        dims = f"{self.search_dims} PCA dims" if self.search_dims else "full width"
+        where = f"ivf {self.nprobe} of {self.nlist} cells" if self.kind == "ivf" else "flat"
+        return (f"{where}, {dims}: recall@{self.k} {self.recall:.3f} (target {self.target}) on {self.queries} "
+                f"held-out vectors, {self.cost / self.exact_cost:.3f}x the multiply-adds of exact search")
+
+
+def search_cost(count: int, dim: int, search_dims: int, nlist: int, nprobe: int) -> float:
+    """Multiply-adds per query of a search over `count` vectors of width `dim`: the PCA projection, then a flat scan
+    of every vector (nlist 0) or the coarse pass over the `nlist` centroids plus the `nprobe` cells' vectors."""
+    width = search_dims or dim
+    projection = dim * search_dims
+    if not nlist:
+        return float(projection + count * width)
+    return float(projection + nlist * width + min(nprobe, nlist) * (count / nlist) * width)
+
+
+def exact_neighbours(
+    vectors: np.ndarray, queries: np.ndarray, k: int, query_ids: np.ndarray | None = None
+) -> np.ndarray:
+    """Ids `(Q, k)` of each query's k nearest vectors by exact full-width search; with `query_ids` (the queries' own
+    rows of `vectors`), each query's own row is left out, so the queries count as held out."""
+    index = faiss.IndexFlatL2(vectors.shape[1])
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return _found(index, queries, k, query_ids)
+
+
+def recall_at_k(index: faiss.Index, queries: np.ndarray, exact_ids: np.ndarray,
+                query_ids: np.ndarray | None = None) -> float:
+    """Share of the exact k nearest neighbours `exact_ids` `(Q, k)` that `index` finds among its own k."""
+    k = exact_ids.shape[1]
+    found = _found(index, queries, k, query_ids)
+    hits = sum(len(np.intersect1d(row, truth)) for row, truth in zip(found, exact_ids, strict=True))
+    return hits / exact_ids.size
+
+
+def drop_self(distances: np.ndarray, ids: np.ndarray, query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Removes each query's own id from its k + 1 neighbours (the last one when exact duplicates or an approximate
+    search hid it): what is left are its k nearest other vectors."""
+    is_self = ids == np.asarray(query_ids)[:, None]
+    is_self[~is_self.any(axis=1), -1] = True
+    keep = ~is_self
+    rows = len(ids)
+    return distances[keep].reshape(rows, -1), ids[keep].reshape(rows, -1)
+
+
+def _found(index: faiss.Index, queries: np.ndarray, k: int, query_ids: np.ndarray | None) -> np.ndarray:
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if query_ids is None:
+        return index.search(queries, k)[1]
+    distances, ids = index.search(queries, k + 1)
+    return drop_self(distances, ids, query_ids)[1]
+
+
+def choose_search(
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    target: float,
+    *,
+    kinds: Sequence[str],
+    dims: Sequence[int],
+    nlist: int,
+    nprobes: Sequence[int] = NPROBE_LADDER,
+    query_ids: np.ndarray | None = None,
+    seed: int = 0,
+    use_gpu: bool | None = None,
+) -> tuple[faiss.Index, SearchChoice]:
+    """The cheapest search setting (by `search_cost`) whose recall@k on `queries` reaches `target`, and its index.
+
+    Recall is measured against exact full-width search over the same `vectors`, on held-out vectors: `queries` that
+    are not indexed, or indexed ones named by `query_ids`, which are then left out of their own results. Settings are
+    tried from the cheapest and the first to reach the target wins, so an index is built only for the kinds and widths
+    tried before it (nprobe is set on a built index). When none reaches it, exact full-width flat search is returned
+    (recall 1).
+
+    Args:
+        vectors: what the index holds `(N, D)`.
+        queries: held-out vectors `(Q, D)` to measure recall on.
+        k: neighbours per query that count.
+        target: recall@k to reach, in (0, 1].
+        kinds: index kinds to consider ("flat", "ivf").
+        dims: PCA widths to consider (0 = full width).
+        nlist: IVF cells of an "ivf" index.
+        nprobes: cells visited per query to consider.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    count, dim = vectors.shape
+    k = min(k, count - (1 if query_ids is not None else 0))
+    exact_ids = exact_neighbours(vectors, queries, k, query_ids)
+    nlist = max(1, min(nlist, count))
+    settings = sorted(
+        {(kind, width if 0 < width < dim else 0, nlist if kind == "ivf" else 0, min(probe, nlist) if kind == "ivf"
+          else 0) for kind in kinds for width in dims for probe in (nprobes if kind == "ivf" else (0,))},
+        key=lambda setting: search_cost(count, dim, *setting[1:]),
+    )
+    exact_cost = search_cost(count, dim, 0, 0, 0)
+    built: dict[tuple[str, int], faiss.Index] = {}
+    for kind, width, cells, probe in settings:
+        cost = search_cost(count, dim, width, cells, probe)
+        index = built.get((kind, width))
+        if index is None:
+            index = built[kind, width] = build_index(vectors, kind=kind, nlist=cells or None, nprobe=max(probe, 1),
+                                                     use_gpu=False, seed=seed, search_dims=width)
+        if kind == "ivf":
+            faiss.extract_index_ivf(index).nprobe = probe
+        recall = recall_at_k(index, queries, exact_ids, query_ids)
+        if recall >= target:
+            choice = SearchChoice(kind, width, cells, probe, recall, target, k, len(queries), cost, exact_cost)
+            return to_device(index, use_gpu), choice
+    exact = build_index(vectors, kind="flat", use_gpu=use_gpu)
+    return exact, SearchChoice("flat", 0, 0, 0, 1.0, target, k, len(queries), exact_cost, exact_cost)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
@@ -20,6 +22,8 @@ from reconray.methods.base import AnomalyMethod
 from reconray.methods.device import synchronize
 
 GAUSSIAN_SIGMA = 4.0
+THRESHOLD_QUANTILE = 0.99
+"""Threshold = this quantile of the held-out normal images' scores: about 1% false alarms on normal parts."""
 
 
 def anomaly_map(patch_scores: torch.Tensor, image_size: tuple[int, int], sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
@@ -108,3 +112,18 @@ def is_anomalous(score: float, threshold: float | None) -> bool | None:
     """The decision rule everywhere (predict, serve, reports): anomalous when the score exceeds the threshold; None
     when the model has no threshold."""
     return None if threshold is None else bool(score > threshold)
+
+
+def calibrated_threshold(normal_scores: np.ndarray) -> float | None:
+    """The decision threshold from the scores of held-out normal images (None without any)."""
+    return float(np.quantile(normal_scores, THRESHOLD_QUANTILE)) if len(normal_scores) else None
+
+
+def category_thresholds(normal_scores: np.ndarray, categories: Sequence[str]) -> dict[str, float]:
+    """One `calibrated_threshold` per category, from the held-out normal scores of that category alone.
+
+    Categories of one unified model score on different scales (a textured tile's normal patches sit farther from the
+    bank than a plain part's), so one global quantile would be dominated by the noisiest category.
+    """
+    names = np.asarray(categories)
+    return {str(name): calibrated_threshold(normal_scores[names == name]) for name in sorted(set(names.tolist()))}

@@ -125,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, type=Path)
     predict.add_argument("--out", required=True, type=Path)
     predict.add_argument("--threshold", type=float, help="override the model's calibrated threshold")
+    predict.add_argument("--category", help="decide with the threshold calibrated for this category of the model "
+                         "(default: the global threshold)")
     predict.add_argument("images", nargs="+", help="image files, folders (the images directly in them, sorted) or glob "
                          "patterns (quote them; ** recurses); each image is scored once")
 
@@ -238,7 +240,8 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "predict":
         from reconray.pipelines.evaluate import predict_images
 
-        predictions = predict_images(args.model, args.images, args.out, threshold=args.threshold)
+        predictions = predict_images(args.model, args.images, args.out, threshold=args.threshold,
+                                     category=args.category)
         shown = predictions[:_PREDICTIONS_SHOWN]
         rows = [[prediction["image"], prediction["score"], prediction["is_anomalous"]] for prediction in shown]
         more = f"\n... and {len(predictions) - len(shown)} more" if len(predictions) > len(shown) else ""

@@ -81,12 +81,15 @@ def evaluate_model(
             score_ms += list(batch["score_ms"])
             advance(len(batch["image"]))
 
-    category_metrics, heatmaps, image_scores = {}, {}, {}
+    category_metrics, heatmaps, image_scores, decisions = {}, {}, {}, {}
     for category, scores in sorted(per_category.items()):
         category_metrics[category] = compute_metrics(
             np.array(scores.labels), np.array(scores.scores), np.stack(scores.masks), np.stack(scores.maps)
         )
-        heatmaps[category] = _write_heatmaps(out_dir, category, scores, config.threshold)
+        # a category the model was not fitted on (a cross-category check) is decided by the global threshold
+        threshold = config.threshold_for(category if category in config.categories else None)
+        decisions[category] = _decisions(scores, threshold)
+        heatmaps[category] = _write_heatmaps(out_dir, category, scores, threshold)
         image_scores[category] = scores.entries()
     metrics = {
         "method": config.method,
@@ -101,6 +104,7 @@ def evaluate_model(
             "bank_bytes": config.bank_bytes,
         },
         "threshold": config.threshold,
+        "decisions": decisions,
         "skipped": validation.skipped,
         "skipped_in_fit": config.fit.skipped,
     }
@@ -125,6 +129,17 @@ def _collect(batch: dict[str, np.ndarray], per_category: dict[str, _CategoryScor
         scores.has_mask.append(bool(batch["mask"][row]))
 
 
+def _decisions(scores: _CategoryScores, threshold: float | None) -> dict[str, Any]:
+    """What the threshold in force for a category decides on its test images: false alarms among the normal ones,
+    defects caught among the anomalous ones (counts None without a threshold)."""
+    verdicts = [is_anomalous(score, threshold) for score in scores.scores]
+    normal = [verdict for verdict, label in zip(verdicts, scores.labels, strict=True) if not label]
+    anomalous = [verdict for verdict, label in zip(verdicts, scores.labels, strict=True) if label]
+    known = threshold is not None
+    return {"threshold": threshold, "false_alarms": sum(normal) if known else None, "normal": len(normal),
+            "caught": sum(anomalous) if known else None, "anomalous": len(anomalous)}
+
+
 def _write_heatmaps(out_dir: Path, category: str, scores: _CategoryScores, threshold: float | None) -> list[dict]:
     """Figures of the `HEATMAPS_PER_END` highest and lowest scored images, each with its mask and true label."""
     order = np.argsort(scores.scores)
@@ -145,16 +160,19 @@ def _write_heatmaps(out_dir: Path, category: str, scores: _CategoryScores, thres
 
 def predict_images(
     model_dir: str | Path, images: Sequence[str | Path], out_dir: str | Path, threshold: float | None = None,
-    resources: Resources | None = None,
+    resources: Resources | None = None, category: str | None = None,
 ) -> list[dict[str, Any]]:
     """Scores `images`, writes heatmap figures and `predictions.json` to `out_dir`; returns the predictions.
 
     `images` may name files, folders and glob patterns (see `expand_images`); every image is scored once, in the
     order they were named. A missing path or a pattern without a match raises `DatasetError` before any Ray work.
+    The verdicts use `threshold` if given, else the threshold calibrated for `category` (an `OptionError` when the
+    model was not fitted on it), else the model's global one.
     """
-    paths = expand_images(images)
     config = read_config(model_dir)
-    threshold = config.threshold if threshold is None else threshold
+    calibrated = config.threshold_for(category)
+    paths = expand_images(images)
+    threshold = calibrated if threshold is None else threshold
     samples = validate([Sample(str(path), "", "test", 0) for path in paths]).samples
     position = {sample.image: index for index, sample in enumerate(samples)}
     ensure_ray()

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from reconray.methods import create_method
-from reconray.methods.artifact import FitRecord, ModelSpec, save_artifact, set_threshold
+from reconray.methods.artifact import FitRecord, ModelSpec, save_artifact, set_thresholds
 from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_LEVELS, backbone_normalization
 from reconray.methods.errors import DatasetError
+from reconray.methods.scoring import calibrated_threshold, category_thresholds
 from reconray.pipelines.console import stage
 from reconray.pipelines.datasets import Sample, discover, split_samples, validate
 from reconray.pipelines.fitting import FitContext, TrainConfig, distributed_fit, work_dir_for
@@ -30,9 +31,6 @@ from reconray.pipelines.runtime import ensure_ray
 from reconray.pipelines.validation import calibration_split, carve, paint_validation_set
 
 logger = logging.getLogger(__name__)
-
-THRESHOLD_QUANTILE = 0.99
-"""Threshold = this quantile of the held-out normal images' scores: about 1% false alarms on normal parts."""
 
 
 @dataclasses.dataclass
@@ -103,10 +101,12 @@ def fit_model(
     record = FitRecord(fit_s=fit_s, n_fit=len(fit_samples), n_calibration=len(calibration), skipped=validation.skipped)
     save_artifact(out_dir, method, spec, threshold=None, categories=sorted({sample.category for sample in train}),
                   fit=record)
-    threshold = calibrate(out_dir, calibration, resources)
-    set_threshold(out_dir, threshold)
-    logger.info("fit %s: done in %.1f s, threshold %s, model in %s", method_name, fit_s,
-                "none" if threshold is None else f"{threshold:.4g}", out_dir)
+    threshold, per_category = calibrate(out_dir, calibration, resources)
+    set_thresholds(out_dir, threshold, per_category)
+    logger.info("fit %s: done in %.1f s, threshold %s%s, model in %s", method_name, fit_s,
+                "none" if threshold is None else f"{threshold:.4g}",
+                "".join(f", {name} {value:.4g}" for name, value in per_category.items()) if len(per_category) > 1
+                else "", out_dir)
     return FitResult(out_dir, method_name, fit_s, threshold, len(fit_samples), len(calibration), validation.skipped)
 
 
@@ -123,14 +123,19 @@ def _selection_split(
     return carving.fit, carving.calibration, paint_validation_set(carving.validation, work_dir / "validation")
 
 
-def calibrate(model_dir: Path, calibration: Sequence[Sample], resources: Resources) -> float | None:
-    """Scores the held-out normal images with the saved artifact and returns the threshold (None without any)."""
+def calibrate(
+    model_dir: Path, calibration: Sequence[Sample], resources: Resources
+) -> tuple[float | None, dict[str, float]]:
+    """Scores the held-out normal images with the saved artifact; returns the global threshold (None without any
+    image) and one threshold per category that held images out."""
     if not calibration:
-        return None
-    scores = []
+        return None, {}
+    scores, categories = [], []
     with stage("calibrate threshold", total=len(calibration)) as advance:
         for batch in score_dataset(str(model_dir), calibration, resources).iter_batches(batch_size=None,
                                                                                         batch_format="numpy"):
             scores.append(batch["image_score"])
+            categories += [str(name) for name in batch["category"]]
             advance(len(batch["image_score"]))
-    return float(np.quantile(np.concatenate(scores), THRESHOLD_QUANTILE))
+    scores = np.concatenate(scores)
+    return calibrated_threshold(scores), category_thresholds(scores, categories)

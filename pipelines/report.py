@@ -368,6 +368,19 @@ def timing_lines(timing: dict[str, Any]) -> list[str]:
     ]
 
 
+def threshold_section(decisions: dict[str, dict[str, Any]]) -> list[str]:
+    """Per category, the threshold in force and what it decided on the test images."""
+    if not decisions:
+        return []
+    lines = ["## Decisions at the threshold", "",
+             "| category | threshold | false alarms (normal) | caught (anomalous) |", "|---|---|---|---|"]
+    for category, entry in decisions.items():
+        threshold = "none" if entry["threshold"] is None else f"{entry['threshold']:.4g}"
+        lines.append(f"| {category} | {threshold} | {_cell(entry['false_alarms'])} / {entry['normal']}"
+                     f" | {_cell(entry['caught'])} / {entry['anomalous']} |")
+    return [*lines, ""]
+
+
 def method_report(
     metrics: dict[str, Any],
     heatmaps: dict[str, list[dict[str, Any]]],
@@ -380,6 +393,7 @@ def method_report(
     rows = [(name, values) for name, values in metrics["categories"].items()] + [("**mean**", metrics["mean"])]
     lines = [f"# reconray evaluation: {metrics['method']} ({metrics['backbone']})", "", *metrics_table(rows), ""]
     lines += ["## Timing", "", *timing_lines(metrics["timing"]), ""]
+    lines += threshold_section(metrics.get("decisions", {}))
     lines += roc_section(out_dir, {metrics["method"]: scores})
     lines += heatmap_section(heatmaps)
     lines += skipped_section(skipped)

@@ -49,6 +49,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from reconray.methods.artifact import load_artifact, read_config
 from reconray.methods.device import pick_device
+from reconray.methods.errors import OptionError
 from reconray.methods.scoring import is_anomalous
 from reconray.pipelines.datasets import ImageTooLargeError, decode_rgb
 from reconray.pipelines.ingest import preprocess
@@ -95,6 +96,8 @@ class ModelInfo(BaseModel):
     image_size: int
     threshold: float | None = Field(description="threshold in use by this deployment")
     calibrated_threshold: float | None = Field(description="threshold stored in the artifact at fit time")
+    category_thresholds: dict[str, float] = Field(description="per category, the threshold calibrated at fit time on "
+                                                  "its own held-out images (used with ?category=)")
     categories: list[str]
     sha256: str
     device: str
@@ -251,13 +254,15 @@ class AnomalyScorer:
         device = pick_device()
         self._scorer = artifact.scorer(device)
         self._spec = artifact.spec
-        self._threshold = artifact.threshold if threshold is None else threshold
+        self._threshold = threshold
+        self._config = artifact.config
         self._max_bytes = max_bytes
         self._max_side = max_side
         self._model = ModelRef(method=artifact.method.name, sha256=artifact.sha256)
         self._info = ModelInfo(
             method=artifact.method.name, backbone=artifact.spec.backbone, levels=artifact.spec.levels,
-            image_size=artifact.spec.image_size, threshold=self._threshold, calibrated_threshold=artifact.threshold,
+            image_size=artifact.spec.image_size, threshold=artifact.threshold if threshold is None else threshold,
+            calibrated_threshold=artifact.threshold, category_thresholds=artifact.config.category_thresholds,
             categories=artifact.categories, sha256=artifact.sha256, device=str(device), torch_threads=threads,
             max_batch_size=max_batch_size, max_bytes=max_bytes, max_side=max_side,
         )
@@ -277,12 +282,11 @@ class AnomalyScorer:
         request: Request,
         heatmap: bool = Query(False, description="add a base64 PNG overlay of the anomaly map"),
         threshold: float | None = Query(None, description="threshold for this request only"),
+        category: str | None = Query(None, description="decide with the threshold calibrated for this category"),
     ) -> ScoreResponse:
         """Scores one image: raw bytes (image/* or application/octet-stream) or multipart field `image`."""
         started = time.perf_counter()
-        if threshold is not None and not math.isfinite(threshold):
-            raise _Rejected(422, f"threshold must be a finite number, got {threshold}")
-        threshold = self._threshold if threshold is None else threshold
+        threshold = self._decision_threshold(threshold, category)
         data = await self._image_bytes(request)
         loop = asyncio.get_running_loop()
         upload = await loop.run_in_executor(self._decode_pool, self._decode, data, heatmap)
@@ -312,6 +316,19 @@ class AnomalyScorer:
     async def model(self) -> ModelInfo:
         """What is being served: method, backbone, input size, thresholds, categories, artifact hash, limits."""
         return self._info
+
+    def _decision_threshold(self, requested: float | None, category: str | None) -> float | None:
+        """The request's own threshold, else the deployment's `--threshold`, else the one calibrated for `category`,
+        else the model's global one; a bad value or an unknown category is refused (422) before any decoding."""
+        if requested is not None:
+            if not math.isfinite(requested):
+                raise _Rejected(422, f"threshold must be a finite number, got {requested}")
+            return requested
+        try:
+            calibrated = self._config.threshold_for(category)
+        except OptionError as error:
+            raise _Rejected(422, str(error)) from None
+        return calibrated if self._threshold is None else self._threshold
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _score_batch(self, images: list[torch.Tensor]) -> list[_Scored]:

@@ -38,9 +38,9 @@ from reconray.methods.artifact import ModelSpec
 from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_LEVELS, backbone_normalization
 from reconray.methods.errors import OptionError
 from reconray.methods.rlr import RLR
-from reconray.methods.scoring import score_features
+from reconray.methods.scoring import calibrated_threshold, score_features
 from reconray.pipelines.datasets import Sample, discover, split_samples, validate
-from reconray.pipelines.fit import THRESHOLD_QUANTILE, fit_model
+from reconray.pipelines.fit import fit_model
 from reconray.pipelines.fitting import FitContext, TrainConfig
 from reconray.pipelines.ingest import Resources, feature_batches, level_tensors, plan_resources
 from reconray.pipelines.report import plot_grid, scatter_plot
@@ -344,7 +344,7 @@ def _threshold(model: Any, data: dict[str, Any]) -> float | None:
     """The decision threshold `fit_model` would calibrate: a quantile of the calibration images' scores."""
     size = (data["image_size"], data["image_size"])
     calibration = [score_features(model, level_tensors(batch), size)[0] for batch in ray.get(data["calibration"])]
-    return float(np.quantile(torch.cat(calibration).numpy(), THRESHOLD_QUANTILE)) if calibration else None
+    return calibrated_threshold(torch.cat(calibration).numpy()) if calibration else None
 
 
 def _bank_trial(config: dict[str, Any], method: str, features: dict[str, Any], default_key: str) -> None:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from reconray.methods import create_method
-from reconray.methods.artifact import ModelSpec, save_artifact
+from reconray.methods.artifact import ModelSpec, save_artifact, set_thresholds
 from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_LEVELS, FeatureExtractor, backbone_normalization
 from reconray.pipelines.datasets import decode_rgb
 from reconray.pipelines.ingest import preprocess
@@ -81,11 +81,14 @@ def fitted_model(
     extractor: FeatureExtractor,
     pixels: Callable[[Sequence[str | Path]], torch.Tensor],
 ) -> Path:
-    """A patchcore artifact fitted in-process (no Ray) on the `nut` training images; threshold 1.0."""
+    """A patchcore artifact fitted in-process (no Ray) on the `nut` training images; threshold 1.0, and 1.5 for
+    `nut` (as a multi-category fit would store it)."""
     train = sorted((synthetic_root / "nut" / "train" / "good").glob("*.png"))
     method = create_method("patchcore")
     method.fit([extractor(pixels(train))])
-    return save_artifact(tmp_path_factory.mktemp("model"), method, model_spec, threshold=1.0, categories=["nut"])
+    directory = save_artifact(tmp_path_factory.mktemp("model"), method, model_spec, threshold=1.0, categories=["nut"])
+    set_thresholds(directory, 1.0, {"nut": 1.5})
+    return directory
 
 
 @dataclasses.dataclass

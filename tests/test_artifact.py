@@ -16,15 +16,17 @@ from reconray.methods.artifact import (
     CONFIG_FILE,
     SCHEMA_VERSION,
     TENSORS_FILE,
+    ArtifactConfig,
     ArtifactError,
     FitRecord,
     ModelSpec,
     load_artifact,
     read_config,
     save_artifact,
-    set_threshold,
+    set_thresholds,
 )
 from reconray.methods.base import AnomalyMethod, MethodOptions, MethodState
+from reconray.methods.errors import OptionError
 
 PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".bin", ".npy", ".npz", ".joblib"}
 
@@ -185,15 +187,26 @@ def test_missing_listed_file_and_unknown_method(model_copy: Path) -> None:
         load_artifact(model_copy)
 
 
-def test_set_threshold_rewrites_only_the_config(model_copy: Path) -> None:
+def test_set_thresholds_rewrites_only_the_config(model_copy: Path) -> None:
     before = {path.name: path.read_bytes() for path in model_copy.iterdir() if path.name != CONFIG_FILE}
-    set_threshold(model_copy, 3.25)
-    assert load_artifact(model_copy).threshold == 3.25
-    set_threshold(model_copy, None)
-    assert load_artifact(model_copy).threshold is None
+    set_thresholds(model_copy, 3.25, {"nut": 4.5})
+    artifact = load_artifact(model_copy)
+    assert (artifact.threshold, artifact.config.category_thresholds) == (3.25, {"nut": 4.5})
+    set_thresholds(model_copy, None)
+    assert load_artifact(model_copy).threshold is None and load_artifact(model_copy).config.category_thresholds == {}
     after = {path.name: path.read_bytes() for path in model_copy.iterdir() if path.name != CONFIG_FILE}
     assert after == before
     assert not list(model_copy.glob(".*"))
+
+
+def test_threshold_for_a_category() -> None:
+    """A category's own threshold, the global one for a category calibrated without images or for no category, and a
+    clear error for a category the model was not fitted on."""
+    config = ArtifactConfig(method="patchcore", options={}, spec=ModelSpec("b", [1], 64, [0.0] * 3, [1.0] * 3),
+                            threshold=2.0, category_thresholds={"nut": 3.0}, categories=["nut", "tile"])
+    assert [config.threshold_for(name) for name in ("nut", "tile", None)] == [3.0, 2.0, 2.0]
+    with pytest.raises(OptionError, match=r"unknown category 'bolt': the model was fitted on \['nut', 'tile'\]"):
+        config.threshold_for("bolt")
 
 
 def test_loaded_bank_is_the_saved_bank(fitted_model: Path) -> None:

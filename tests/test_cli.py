@@ -89,6 +89,10 @@ def test_fit_writes_an_artifact_for_the_chosen_categories(cli_model: Path) -> No
     assert config.fit.n_fit == 18 and config.fit.n_calibration == 2
     assert config.bank_vectors == 18 * 64 // 2
     assert isinstance(config.threshold, float) and config.threshold > 0
+    # One held-out image per category: each category's threshold is its image's score, the global one their quantile.
+    assert sorted(config.category_thresholds) == CATEGORIES
+    assert config.threshold == pytest.approx(np.quantile(list(config.category_thresholds.values()), 0.99))
+    assert len(set(config.category_thresholds.values())) == 2
     (skipped,) = config.fit.skipped
     assert skipped["image"].endswith("/nut/train/good/999.png") and skipped["problem"].startswith("unreadable image")
     # Training byproducts and the log live beside the artifact, never in it.
@@ -120,8 +124,22 @@ def test_evaluate_writes_metrics_report_and_heatmaps(
     assert timing["extract_ms_per_image"] > 0 and timing["score_ms_per_image"] > 0 and timing["fit_s"] > 0
     assert timing["bank_vectors"] == 18 * 64 // 2 and timing["bank_bytes"] > timing["bank_vectors"] * 152 * 4
 
+    # Each category is decided by its own calibrated threshold.
+    thresholds, scores = read_config(cli_model).category_thresholds, json.loads((tmp_path / "scores.json").read_text())
+    for name in CATEGORIES:
+        decided = metrics["decisions"][name]
+        assert decided["threshold"] == thresholds[name]
+        normal = [entry["score"] for entry in scores[name] if not entry["label"]]
+        anomalous = [entry["score"] for entry in scores[name] if entry["label"]]
+        assert decided["false_alarms"] == sum(score > thresholds[name] for score in normal)
+        assert decided["caught"] == sum(score > thresholds[name] for score in anomalous)
+        assert (decided["normal"], decided["anomalous"]) == (4, 4)
+
     report = (tmp_path / "report.md").read_text()
     assert "| **mean** |" in report and all(f"| {name} |" in report for name in CATEGORIES)
+    assert "## Decisions at the threshold" in report
+    first = CATEGORIES[0]
+    assert f"| {first} | {thresholds[first]:.4g} | {metrics['decisions'][first]['false_alarms']} / 4 |" in report
     links = re.findall(r"\]\((heatmaps/[^)]+)\)", report)
     assert {Path(link).parts[1] for link in links} == set(CATEGORIES)
     assert len(set(links)) == 4 * len(CATEGORIES)
@@ -154,6 +172,20 @@ def test_predict_writes_predictions_and_overlays(
         assert re.search(rf"^{re.escape(entry['image'])} +{entry['score']:.3f} ", err, re.MULTILINE)
     reference = load_artifact(cli_model).scorer()(pixels(images)).image_scores.numpy()
     np.testing.assert_allclose([entry["score"] for entry in predictions], reference, rtol=1e-5)
+
+
+def test_predict_decides_with_a_categorys_threshold(
+    cli_model: Path, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image = synthetic_root / "fabric" / "test" / "good" / "000.png"
+    config = read_config(cli_model)
+    code, _, err = _cli(capsys, "predict", "--model", cli_model, "--out", tmp_path, "--category", "fabric", image)
+    assert code == 0, err
+    [entry] = json.loads((tmp_path / "predictions.json").read_text())
+    assert entry["threshold"] == config.category_thresholds["fabric"] != config.threshold
+    assert entry["is_anomalous"] == (entry["score"] > entry["threshold"])
+    code, _, err = _cli(capsys, "predict", "--model", cli_model, "--out", tmp_path / "x", "--category", "wood", image)
+    assert code == 2 and "unknown category 'wood': the model was fitted on ['fabric', 'nut']" in err
 
 
 def test_skipped_image_is_listed_in_the_report(
@@ -284,7 +316,10 @@ def test_the_console_shows_reconray_lines_and_ray_output_goes_to_the_log(synthet
         assert noise not in quiet.stderr, f"{noise!r} reached the console:\n{quiet.stderr}"
     log = (tmp_path / "model-work" / "reconray.log").read_text()
     assert "streaming_executor" in log and "fit patchcore: done in" in log
-    verbose = subprocess.run([*command, "--verbose", "--out", str(tmp_path / "again")], cwd=tmp_path,
+    # --verbose puts Ray's output on the console too (a one-image predict: any command's Ray Data pass shows it).
+    image = synthetic_root / "nut" / "test" / "good" / "000.png"
+    verbose = subprocess.run([command[0], "predict", "--model", str(tmp_path / "model"), "--out",
+                              str(tmp_path / "predictions"), str(image), "--verbose"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
     assert verbose.returncode == 0 and "streaming_executor" in verbose.stderr
 

@@ -13,7 +13,16 @@ from scipy import ndimage
 from torch import nn
 
 from reconray.methods.base import AnomalyMethod, MethodOptions, MethodState
-from reconray.methods.scoring import GAUSSIAN_SIGMA, Scorer, anomaly_map, image_scores, is_anomalous
+from reconray.methods.scoring import (
+    GAUSSIAN_SIGMA,
+    THRESHOLD_QUANTILE,
+    Scorer,
+    anomaly_map,
+    calibrated_threshold,
+    category_thresholds,
+    image_scores,
+    is_anomalous,
+)
 
 
 def _patch_scores(batch: int = 2, height: int = 8, width: int = 10, seed: int = 0) -> torch.Tensor:
@@ -109,3 +118,11 @@ def test_scorer_chains_backbone_method_and_post_processing() -> None:
     np.testing.assert_allclose(scored.anomaly_maps.numpy(), expected_maps, atol=2e-5)
     np.testing.assert_allclose(scored.image_scores.numpy(), expected_maps.max(axis=(1, 2)), atol=2e-5)
     assert scored.extract_s > 0 and scored.score_s > 0
+
+
+def test_category_thresholds_are_each_categorys_own_quantile() -> None:
+    scores = np.array([1.0, 2.0, 3.0, 10.0, 20.0])
+    thresholds = category_thresholds(scores, ["a", "a", "a", "b", "b"])
+    assert thresholds == {"a": pytest.approx(2.98), "b": pytest.approx(19.9)}
+    assert calibrated_threshold(scores) == pytest.approx(np.quantile(scores, THRESHOLD_QUANTILE))
+    assert calibrated_threshold(np.array([])) is None

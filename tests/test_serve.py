@@ -152,6 +152,18 @@ def test_per_request_threshold(service: Service) -> None:
         assert "threshold" in response.json()["error"]
 
 
+def test_category_threshold(service: Service) -> None:
+    """?category= decides with that category's calibrated threshold; an unknown one is refused, naming the known."""
+    info = service.client.get("/v1/model").json()
+    assert info["category_thresholds"] == {"nut": 1.5} and info["threshold"] == service.threshold == 1.0
+    body = _post_png(service, service.normal[0], "?category=nut").json()
+    assert body["threshold"] == 1.5 and body["is_anomalous"] == (body["score"] > 1.5)
+    assert _post_png(service, service.normal[0], "?category=nut&threshold=2.5").json()["threshold"] == 2.5
+    refused = _post_png(service, service.normal[0], "?category=bolt")
+    assert refused.status_code == 422 and refused.json()["error"] == (
+        "unknown category 'bolt': the model was fitted on ['nut']")
+
+
 def test_concurrent_requests_get_their_own_scores(service: Service) -> None:
     """Requests batched together must each get the score of their own image."""
     images = service.normal + service.defective
