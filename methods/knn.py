@@ -174,6 +174,8 @@ def exact_neighbours(
 def recall_at_k(index: faiss.Index, queries: np.ndarray, exact_ids: np.ndarray,
                 query_ids: np.ndarray | None = None) -> float:
     """Share of the exact k nearest neighbours `exact_ids` `(Q, k)` that `index` finds among its own k."""
+    if exact_ids.size == 0:
+        return 1.0  # no neighbour to miss (a one-vector bank searched leave-one-out)
     k = exact_ids.shape[1]
     found = _found(index, queries, k, query_ids)
     hits = sum(len(np.intersect1d(row, truth)) for row, truth in zip(found, exact_ids, strict=True))
@@ -217,8 +219,8 @@ def choose_search(
     Recall is measured against exact full-width search over the same `vectors`, on held-out vectors: `queries` that
     are not indexed, or indexed ones named by `query_ids`, which are then left out of their own results. Settings are
     tried from the cheapest and the first to reach the target wins, so an index is built only for the kinds and widths
-    tried before it (nprobe is set on a built index). When none reaches it, exact full-width flat search is returned
-    (recall 1).
+    tried before it (nprobe is set on a built index). When none reaches it (settings pinned by the user can make the
+    target unreachable), the setting with the highest recall is returned, its `recall` below `target`.
 
     Args:
         vectors: what the index holds `(N, D)`.
@@ -233,7 +235,7 @@ def choose_search(
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     count, dim = vectors.shape
     k = min(k, count - (1 if query_ids is not None else 0))
-    exact_ids = exact_neighbours(vectors, queries, k, query_ids)
+    exact_ids = None
     nlist = max(1, min(nlist, count))
     settings = sorted(
         {(kind, width if 0 < width < dim else 0, nlist if kind == "ivf" else 0, min(probe, nlist) if kind == "ivf"
@@ -242,6 +244,7 @@ def choose_search(
     )
     exact_cost = search_cost(count, dim, 0, 0, 0)
     built: dict[tuple[str, int], faiss.Index] = {}
+    best: tuple[tuple[str, int], SearchChoice] | None = None
     for kind, width, cells, probe in settings:
         cost = search_cost(count, dim, width, cells, probe)
         index = built.get((kind, width))
@@ -250,9 +253,19 @@ def choose_search(
                                                      use_gpu=False, seed=seed, search_dims=width)
         if kind == "ivf":
             faiss.extract_index_ivf(index).nprobe = probe
-        recall = recall_at_k(index, queries, exact_ids, query_ids)
+        if kind == "flat" and not width:
+            recall = 1.0  # exact search by construction: nothing to measure
+        else:
+            if exact_ids is None:
+                exact_ids = exact_neighbours(vectors, queries, k, query_ids)
+            recall = recall_at_k(index, queries, exact_ids, query_ids)
+        choice = SearchChoice(kind, width, cells, probe, recall, target, k, len(queries), cost, exact_cost)
         if recall >= target:
-            choice = SearchChoice(kind, width, cells, probe, recall, target, k, len(queries), cost, exact_cost)
             return to_device(index, use_gpu), choice
-    exact = build_index(vectors, kind="flat", use_gpu=use_gpu)
-    return exact, SearchChoice("flat", 0, 0, 0, 1.0, target, k, len(queries), exact_cost, exact_cost)
+        if best is None or recall > best[1].recall:
+            best = (kind, width), choice
+    (kind, width), choice = best
+    index = built[kind, width]
+    if kind == "ivf":
+        faiss.extract_index_ivf(index).nprobe = choice.nprobe
+    return to_device(index, use_gpu), choice

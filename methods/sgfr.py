@@ -28,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import zlib
 from typing import Any, Literal
@@ -40,6 +42,8 @@ from reconray.methods import knn
 from reconray.methods.base import BankMethod, MethodOptions, MethodState, register_method
 from reconray.methods.coreset import greedy_coreset
 from reconray.methods.errors import DatasetError, check_fitted
+
+logger = logging.getLogger(__name__)
 
 _MAX_DENSITY_RANK = 1024
 """Cap on m, the neighbour rank that sets the coverage radius: only bases under 0.1% of the data reach it, and it
@@ -54,6 +58,9 @@ benchmarks/notes/sgfr.md)."""
 IVF_CELLS_PER_SQRT = 4
 """IVF cells = this x sqrt(basis size). A search costs a coarse pass over every cell centroid plus a scan of the
 `nprobe` visited cells; more cells make the first dearer and the second cheaper (timings: benchmarks/notes/sgfr.md)."""
+
+SEARCH_DIMS_LADDER = (16, 32, 64, 0)
+"""PCA widths `recall_target` chooses among (0 = the full features); lite0's default levels are 152 wide."""
 
 _SCORE_CHUNK = 1024
 """Patches solved at once when scoring: their (chunk, k, D) neighbours stay in cache. The FAISS search takes the
@@ -91,6 +98,10 @@ class SGFR(BankMethod):
             cells visited per query.
         search_dims: neighbours are searched in a PCA projection onto this many dimensions (0 = the full features);
             the reconstruction always uses the full vectors, since the search only picks the dictionary.
+        recall_target: with a value > 0, the fit chooses the search settings not pinned with `--set` (index kind,
+            search_dims, nprobe) as the cheapest whose recall@k against exact full-width search reaches it, measured
+            on held-out nominal vectors (`knn.choose_search`); 0 keeps the settings above. Either way the measured
+            recall is stored in the artifact (`method_info.search`) and logged.
         seed: seed of sampling and IVF training, so fits are reproducible.
     """
 
@@ -110,6 +121,7 @@ class SGFR(BankMethod):
         nlist: int = Field(0, ge=0)
         nprobe: int = Field(4, ge=1)
         search_dims: int = Field(32, ge=0)
+        recall_target: float = Field(0.0, ge=0.0, le=1.0)
         seed: int = 0
 
     name = "sgfr"
@@ -154,19 +166,18 @@ class SGFR(BankMethod):
         vectors = vectors.float()
         selected = self._select(vectors, n_keep, self.options.seed) if n_keep < len(vectors) else None
         basis = vectors if selected is None else vectors[selected]
-        self._fit_info = {"seen_vectors": int(total), "candidate_vectors": len(vectors), "target_basis": n_keep}
-        self._set_basis(
-            basis,
-            knn.build_index(
-                basis.cpu().numpy(),
-                kind=self.options.index,
-                nlist=self.options.nlist or round(IVF_CELLS_PER_SQRT * math.sqrt(len(basis))),
-                nprobe=self.options.nprobe,
-                seed=self.options.seed,
-                ivf_from=IVF_FROM_VECTORS,
-                search_dims=self.options.search_dims,
-            ),
+        queries, query_ids = _recall_queries(vectors, basis, selected, self.options.seed)
+        index, choice = knn.choose_search(
+            basis.cpu().numpy(), queries, k, self.options.recall_target, **self._search_settings(len(basis)),
+            query_ids=query_ids, seed=self.options.seed,
         )
+        if self.options.recall_target > 0:  # the options say what was chosen, so the artifact reads as one setting
+            self.options = self.options.model_copy(update={"index": choice.kind, "search_dims": choice.search_dims,
+                                                           "nprobe": choice.nprobe or self.options.nprobe})
+        logger.info("sgfr: basis of %d vectors, search %s", len(basis), choice.describe())
+        self._fit_info = {"seen_vectors": int(total), "candidate_vectors": len(vectors), "target_basis": n_keep,
+                          "search": dataclasses.asdict(choice)}
+        self._set_basis(basis, index)
 
     def score(self, features: list[torch.Tensor]) -> torch.Tensor:
         check_fitted(self.name, self.basis is not None, "score()")
@@ -189,7 +200,8 @@ class SGFR(BankMethod):
     def from_state(cls, state: MethodState) -> SGFR:
         method = cls(**state.options)
         method._fit_info = {
-            key: state.info[key] for key in ("seen_vectors", "candidate_vectors", "target_basis") if key in state.info
+            key: state.info[key] for key in ("seen_vectors", "candidate_vectors", "target_basis", "search")
+            if key in state.info
         }
         method._set_basis(state.tensors["basis"].float(), knn.to_device(state.indexes["basis"]))
         return method
@@ -207,6 +219,21 @@ class SGFR(BankMethod):
         if self.index is None or self.basis is None:
             return None, None
         return int(self.index.ntotal), knn.index_bytes(self.index) + self.basis.numel() * self.basis.element_size()
+
+    def _search_settings(self, basis_size: int) -> dict[str, Any]:
+        """The search settings `knn.choose_search` may pick from: only the configured ones while `recall_target` is 0
+        (it then measures their recall), else a ladder for each setting not pinned with `--set`."""
+        options, choose = self.options, self.options.recall_target > 0
+        pinned = options.model_fields_set if choose else set(options.model_fields)
+        ivf = basis_size >= IVF_FROM_VECTORS
+        kinds = [options.index] if options.index != "auto" else ["flat", "ivf"] if choose and ivf else \
+            ["ivf" if ivf else "flat"]
+        return {
+            "kinds": kinds,
+            "dims": [options.search_dims] if "search_dims" in pinned else SEARCH_DIMS_LADDER,
+            "nprobes": [options.nprobe] if "nprobe" in pinned else knn.NPROBE_LADDER,
+            "nlist": options.nlist or round(IVF_CELLS_PER_SQRT * math.sqrt(basis_size)),
+        }
 
     def _set_basis(self, basis: torch.Tensor, index: Any) -> None:
         if index.ntotal != len(basis):
@@ -382,8 +409,9 @@ def sparse_sample(
     sample = torch.randperm(count, generator=generator)[: min(sample_size, count)]
     density_rank = min(count - 1, math.ceil(count / n_keep), _MAX_DENSITY_RANK)
     index = knn.build_index(vectors.cpu().numpy(), kind="flat")
-    distances, ids = knn.search(index, vectors[sample].cpu().numpy(), max(k, density_rank) + 1)
-    distances, ids = _drop_self(torch.from_numpy(distances), torch.from_numpy(ids), sample)
+    distances, ids = knn.drop_self(*knn.search(index, vectors[sample].cpu().numpy(), max(k, density_rank) + 1),
+                                   sample.numpy())
+    distances, ids = torch.from_numpy(distances), torch.from_numpy(ids)
     radius = float(torch.quantile(distances[:, density_rank - 1].clamp_min(0.0).sqrt().double(), coverage_quantile))
 
     ids = ids[:, :k]
@@ -397,16 +425,6 @@ def sparse_sample(
     shuffle = torch.randperm(count, generator=generator)
     ranking = shuffle[torch.argsort(usage[shuffle], descending=True, stable=True)]
     return _cover(vectors, ranking, n_keep, radius)
-
-
-def _drop_self(distances: torch.Tensor, ids: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Removes each query's own id from its k + 1 neighbours (the last one when exact duplicates hid it)."""
-    is_self = ids == queries.unsqueeze(1)
-    missing = ~is_self.any(dim=1)
-    is_self[missing, -1] = True
-    keep = ~is_self
-    rows = len(ids)
-    return distances[keep].reshape(rows, -1), ids[keep].reshape(rows, -1)
 
 
 def _cover(vectors: torch.Tensor, ranking: torch.Tensor, n_keep: int, radius: float) -> torch.Tensor:
@@ -458,6 +476,21 @@ def _representatives(points: np.ndarray, uncovered: np.ndarray, gap: np.ndarray,
             chosen.append(order[position])
             covered[neighbours[limits[position] : limits[position + 1]]] = True
     return np.asarray(chosen, dtype=np.int64)
+
+
+def _recall_queries(
+    candidates: torch.Tensor, basis: torch.Tensor, selected: torch.Tensor | None, seed: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Held-out nominal vectors to measure the basis search's recall on: up to `knn.RECALL_QUERIES` candidates the
+    basis did not keep (the kind of vector a test patch is), or, when it kept them all, basis vectors left out of
+    their own results (`query_ids`, their rows in the basis)."""
+    rng = np.random.default_rng(seed)
+    outside = np.setdiff1d(np.arange(len(candidates)), selected.cpu().numpy()) if selected is not None else []
+    if len(outside):
+        picked = rng.choice(outside, min(len(outside), knn.RECALL_QUERIES), replace=False)
+        return candidates[torch.from_numpy(picked)].cpu().numpy(), None
+    ids = rng.choice(len(basis), min(len(basis), knn.RECALL_QUERIES), replace=False)
+    return basis[torch.from_numpy(ids)].cpu().numpy(), ids
 
 
 def _batch_seed(seed: int, vectors: torch.Tensor) -> int:

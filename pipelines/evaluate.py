@@ -102,6 +102,7 @@ def evaluate_model(
             "fit_s": config.fit.fit_s,
             "bank_vectors": config.bank_vectors,
             "bank_bytes": config.bank_bytes,
+            "search": config.method_info.get("search"),
         },
         "threshold": config.threshold,
         "decisions": decisions,
@@ -169,9 +170,9 @@ def predict_images(
     The verdicts use `threshold` if given, else the threshold calibrated for `category` (an `OptionError` when the
     model was not fitted on it), else the model's global one.
     """
+    paths = expand_images(images)
     config = read_config(model_dir)
     calibrated = config.threshold_for(category)
-    paths = expand_images(images)
     threshold = calibrated if threshold is None else threshold
     samples = validate([Sample(str(path), "", "test", 0) for path in paths]).samples
     position = {sample.image: index for index, sample in enumerate(samples)}

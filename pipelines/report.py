@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from sklearn.metrics import auc, roc_curve
 
+from reconray.methods.knn import SearchChoice
 from reconray.methods.metrics import METRIC_NAMES
 from reconray.methods.scoring import is_anomalous
 
@@ -365,6 +366,7 @@ def timing_lines(timing: dict[str, Any]) -> list[str]:
         f"- backbone: {_cell(timing.get('extract_ms_per_image'), 1)} ms/image; method + map: "
         f"{_cell(timing.get('score_ms_per_image'), 1)} ms/image; fit: {_cell(timing.get('fit_s'), 1)} s",
         f"- bank: {_cell(timing.get('bank_vectors'))} vectors, {_cell(timing.get('bank_bytes'))} bytes",
+        *([f"- search: {SearchChoice(**timing['search']).describe()}"] if timing.get("search") else []),
     ]
 
 

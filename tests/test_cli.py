@@ -30,7 +30,7 @@ from reconray.pipelines.synthetic import SyntheticConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["fabric", "nut"]
-TIMING_KEYS = {"extract_ms_per_image", "score_ms_per_image", "fit_s", "bank_vectors", "bank_bytes"}
+TIMING_KEYS = {"extract_ms_per_image", "score_ms_per_image", "fit_s", "bank_vectors", "bank_bytes", "search"}
 
 
 def _figure_width(panels: int) -> int:
@@ -355,6 +355,9 @@ def test_run_default_compares_every_method_on_a_tiny_synthetic_set(ray_session, 
     report = (out / "report.md").read_text()
     for method in ("patchcore", "sgfr", "rlr"):
         assert f"| {method} |" in report
+    # sgfr's basis search, with the recall measured at fit time (its basis is small: flat in 32 PCA dimensions).
+    assert re.search(r"^- search: flat, 32 PCA dims: recall@8 [01]\.\d{3} \(target 0\.0\) on \d+ held-out vectors",
+                     report, re.MULTILINE)
     plots = re.findall(r"!\[[^]]*\]\((plots/roc_[^)]+\.png)\)", report)
     assert sorted(plots) == ["plots/roc_fabric.png", "plots/roc_nut.png"]
     assert all((out / plot).is_file() for plot in plots)

@@ -129,3 +129,59 @@ def test_invalid_options_and_unfitted_use_are_refused() -> None:
         greedy_coreset(torch.zeros(10, 2), 11)
     with pytest.raises(ValueError, match=r"k=5 neighbours requested but the index holds only 4 vectors"):
         knn.search(knn.build_index(np.zeros((4, 2)), use_gpu=False), np.zeros((1, 2)), k=5)
+
+
+# --- search settings chosen by measured recall (methods/knn.py) ------------------------------------------------------
+
+
+def _clustered(count: int, dim: int = 24, seed: int = 0) -> np.ndarray:
+    """Vectors around 32 centres with a few dominant directions: a bank with the structure of patch features."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(32, dim)) * np.linspace(3.0, 0.2, dim)
+    return (centres[rng.integers(0, 32, count)] + rng.normal(scale=0.5, size=(count, dim))).astype(np.float32)
+
+
+def _squared_distances(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    return ((queries[:, None, :] - vectors[None]) ** 2).sum(axis=2)
+
+
+def test_recall_matches_a_brute_force_count() -> None:
+    vectors, queries = _clustered(2000), _clustered(100, seed=1)
+    index = knn.build_index(vectors, kind="ivf", nlist=40, nprobe=2, use_gpu=False, search_dims=8)
+    exact = knn.exact_neighbours(vectors, queries, 8)
+    nearest = np.argsort(_squared_distances(vectors, queries), axis=1)[:, :8]
+    np.testing.assert_array_equal(np.sort(exact, axis=1), np.sort(nearest, axis=1))
+    found = index.search(queries, 8)[1]
+    expected = np.mean([len(set(row) & set(truth)) / 8 for row, truth in zip(found, exact, strict=True)])
+    assert knn.recall_at_k(index, queries, exact) == pytest.approx(expected)
+    assert 0.2 < expected < 1.0  # a setting that misses some: the count is not trivially 0 or 1
+    # Leave-one-out: indexed vectors as queries, each left out of its own neighbours.
+    ids = np.arange(50)
+    held_out = knn.exact_neighbours(vectors, vectors[ids], 8, query_ids=ids)
+    assert not (held_out == ids[:, None]).any()
+    np.testing.assert_array_equal(held_out, np.argsort(_squared_distances(vectors, vectors[ids]), axis=1)[:, 1:9])
+
+
+def test_the_chosen_search_is_the_cheapest_that_reaches_the_target() -> None:
+    vectors, queries = _clustered(6000), _clustered(300, seed=1)
+    settings = {"kinds": ("flat", "ivf"), "dims": (4, 8, 16, 0), "nlist": 80}
+    index, choice = knn.choose_search(vectors, queries, 8, 0.9, **settings)
+    exact = knn.exact_neighbours(vectors, queries, 8)
+    assert choice.recall >= 0.9 and knn.recall_at_k(index, queries, exact) == pytest.approx(choice.recall)
+    assert choice.cost < choice.exact_cost
+    # Every cheaper setting misses the target: the choice is the cheapest that reaches it.
+    count, dim = vectors.shape
+    for kind in settings["kinds"]:
+        for width in settings["dims"]:
+            for probe in knn.NPROBE_LADDER if kind == "ivf" else (0,):
+                cells = 80 if kind == "ivf" else 0
+                if knn.search_cost(count, dim, width, cells, probe) >= choice.cost:
+                    continue
+                candidate = knn.build_index(vectors, kind=kind, nlist=cells or None, nprobe=probe or 1,
+                                            use_gpu=False, search_dims=width)
+                assert knn.recall_at_k(candidate, queries, exact) < 0.9, (kind, width, probe)
+    # A higher target costs at least as much; settings that cannot reach it give the one with the highest recall.
+    _, stricter = knn.choose_search(vectors, queries, 8, 0.99, **settings)
+    assert stricter.cost >= choice.cost and stricter.recall >= 0.99
+    _, short = knn.choose_search(vectors, queries, 8, 1.0, kinds=("ivf",), dims=(4,), nlist=80, nprobes=(1, 2))
+    assert (short.kind, short.search_dims, short.nprobe) == ("ivf", 4, 2) and short.recall < 1.0

@@ -273,3 +273,36 @@ def test_sgfr_searches_a_projection_only_when_it_is_narrower_than_the_features(t
     restored = load_artifact(tmp_path).method
     assert isinstance(restored.index, faiss.IndexPreTransform)
     assert torch.equal(restored.score(queries), narrow.score(queries))
+
+
+def test_the_fit_measures_its_search_recall_and_chooses_settings_by_it() -> None:
+    """recall_target 0 keeps the configured search and records its measured recall; a target picks the cheapest
+    setting that reaches it on held-out vectors, leaves pinned settings alone, and the artifact keeps the choice."""
+    vectors, _ = _subspaces(12_000, dim=48, subspaces=6, rank=8, noise=0.05)
+    default = create_method("sgfr", basis_ratio=0.25, sampling="random", search_dims=8, nprobe=1)
+    default.fit_bank(vectors)
+    measured = default.state().info["search"]
+    assert (measured["kind"], measured["search_dims"], measured["nprobe"], measured["target"]) == ("ivf", 8, 1, 0.0)
+    assert 0.0 < measured["recall"] < 0.95 and measured["queries"] == knn.RECALL_QUERIES
+    assert default.options.index == "auto"
+
+    chosen = create_method("sgfr", basis_ratio=0.25, sampling="random", recall_target=0.95)
+    chosen.fit_bank(vectors)
+    search = chosen.state().info["search"]
+    assert search["recall"] >= 0.95 and search["cost"] < search["exact_cost"]
+    assert (chosen.options.index, chosen.options.search_dims, chosen.options.nprobe) == (
+        search["kind"], search["search_dims"], search["nprobe"] or chosen.options.nprobe)
+    # Measured again on the vectors the basis did not keep, the chosen index reaches the target too.
+    basis = chosen.basis.numpy()
+    kept = {row.tobytes() for row in basis}
+    held_out = np.stack([row for row in vectors.numpy() if row.tobytes() not in kept][:500])
+    exact = knn.exact_neighbours(basis, held_out, chosen.options.k)
+    assert knn.recall_at_k(chosen.index, held_out, exact) >= 0.93
+    restored = SGFR.from_state(chosen.state())
+    assert restored.state().info["search"] == search
+
+    pinned = create_method("sgfr", basis_ratio=0.25, sampling="random", recall_target=0.95, search_dims=8)
+    pinned.fit_bank(vectors)
+    pinned_search = pinned.state().info["search"]
+    assert pinned_search["search_dims"] == pinned.options.search_dims == 8  # kept, whatever recall it reaches
+    assert pinned_search["recall"] > measured["recall"]  # more cells probed than the default's one
