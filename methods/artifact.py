@@ -109,9 +109,6 @@ class Artifact:
     def threshold(self) -> float | None:
         return self.config.threshold
 
-    def threshold_for(self, category: str | None = None) -> float | None:
-        return self.config.threshold_for(category)
-
     @property
     def categories(self) -> list[str]:
         return self.config.categories
