@@ -25,7 +25,7 @@ import pydantic
 import torch
 from safetensors.torch import load_file, save_file
 
-from reconray.methods.backbone import FeatureExtractor
+from reconray.methods.backbone import DEFAULT_POOL, FeatureExtractor, check_aggregation
 from reconray.methods.base import METHODS, AnomalyMethod, MethodState
 from reconray.methods.errors import ArtifactError, OptionError
 from reconray.methods.scoring import Scorer
@@ -37,7 +37,11 @@ TENSORS_FILE = "tensors.safetensors"
 
 @pydantic.dataclasses.dataclass
 class ModelSpec:
-    """How images become features: the part of a model that is not the method."""
+    """How images become features: the part of a model that is not the method.
+
+    `aggregation` and `pool` (methods.backbone) default to what every artifact written before they were recorded
+    was fitted with, so such an artifact still scores as it was evaluated.
+    """
 
     backbone: str
     levels: list[int]
@@ -45,9 +49,15 @@ class ModelSpec:
     mean: list[float]
     std: list[float]
     weights: str | None = None
+    aggregation: str = "pool-align"
+    pool: int = DEFAULT_POOL
+
+    def __post_init__(self) -> None:
+        check_aggregation(self.aggregation, self.pool)
 
     def extractor(self) -> FeatureExtractor:
-        return FeatureExtractor(self.backbone, self.levels, weights=self.weights)
+        return FeatureExtractor(self.backbone, self.levels, weights=self.weights, aggregation=self.aggregation,
+                                pool=self.pool)
 
 
 class FitRecord(pydantic.BaseModel):

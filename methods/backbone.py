@@ -1,8 +1,15 @@
 """Frozen timm backbone that turns images into locally averaged patch features, and where its weights come from.
 
 Every method sees the same features: a timm `features_only` model cut at a few levels (default
-tf_efficientnet_lite0, levels 2 and 3 → 40 and 112 channels at strides 8 and 16), each level smoothed by a 3x3 local
+tf_efficientnet_lite0, levels 2 and 3 → 40 and 112 channels at strides 8 and 16), smoothed by a `pool` x `pool` local
 average so a patch carries its neighbourhood, as in PatchCore (Roth et al., 2022, https://arxiv.org/abs/2106.08265).
+`aggregation` says in which order the levels are smoothed and brought to one grid, both part of the feature spec:
+- `pool-align`: each level is averaged on its own grid and keeps it; levels are aligned to the finest grid
+  (bilinear) only when patch vectors are read (`patch_vectors`). A coarse level is then smoothed over `pool` of its
+  own cells, twice the image area of the fine level's at the default levels. RLR reads each level on its own grid.
+- `align-pool`: every level is first upsampled to the finest grid, then all are averaged with the same window, as
+  DESIGN.md specifies patch features ("levels aligned to the finest grid, concatenated, 3x3 local average"). Every
+  level then comes out on the finest grid (more cells for RLR's coarse level).
 
 Weights are resolved in this order, so the default backbone works with no internet access:
 1. an explicit local file (`.pth`/`.pt`/`.safetensors` state dict of the timm classifier, loaded without pickle);
@@ -32,6 +39,9 @@ from reconray.methods.errors import OptionError
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 DEFAULT_LEVELS = (2, 3)
 DEFAULT_IMAGE_SIZE = 256
+AGGREGATIONS = ("pool-align", "align-pool")
+DEFAULT_AGGREGATION = "pool-align"
+DEFAULT_POOL = 3
 
 CPU_PASS_PIXELS = 4 * 256 * 256
 """Input pixels per backbone pass on CPU (4 images at 256 px): larger passes fall out of cache and cost more per image
@@ -57,6 +67,8 @@ class FeatureExtractor(nn.Module):
     Attributes:
         backbone: timm model name.
         levels: feature levels taken (timm `out_indices`), strictly increasing.
+        aggregation: `pool-align` or `align-pool` (module docstring).
+        pool: side of the local average window (1: none).
         channels: channels of each level.
         strides: input pixels per feature cell of each level.
         mean, std: per-channel normalization the input images must already have.
@@ -68,10 +80,14 @@ class FeatureExtractor(nn.Module):
         levels: Sequence[int] = DEFAULT_LEVELS,
         weights: str | Path | None = None,
         pretrained: bool = True,
+        aggregation: str = DEFAULT_AGGREGATION,
+        pool: int = DEFAULT_POOL,
     ) -> None:
         super().__init__()
+        check_aggregation(aggregation, pool)
         self.backbone = backbone
         self.levels = _check_levels(backbone, levels)
+        self.aggregation, self.pool = aggregation, pool
         self.mean, self.std = backbone_normalization(backbone, weights)
         self.model = _create_model(backbone, weights, pretrained, features_only=True, out_indices=tuple(self.levels))
         self.model.requires_grad_(False)
@@ -97,7 +113,25 @@ class FeatureExtractor(nn.Module):
         return [torch.cat(level) for level in zip(*passes, strict=True)]
 
     def _features(self, images: Tensor) -> list[Tensor]:
-        return [F.avg_pool2d(level, 3, stride=1, padding=1, count_include_pad=False) for level in self.model(images)]
+        levels = self.model(images)
+        if self.aggregation == "align-pool":
+            levels = _aligned(levels)
+        return [_local_average(level, self.pool) for level in levels]
+
+
+def _local_average(level: Tensor, pool: int) -> Tensor:
+    """Each cell's mean over a centred `pool` x `pool` window; the border averages only cells inside the map."""
+    if pool == 1:
+        return level
+    return F.avg_pool2d(level, pool, stride=1, padding=pool // 2, count_include_pad=False)
+
+
+def check_aggregation(aggregation: str, pool: int) -> None:
+    """Refuses an aggregation or pooling window the extractor does not have, before any weights are loaded."""
+    if aggregation not in AGGREGATIONS:
+        raise OptionError(f"unknown feature aggregation {aggregation!r}; choose one of {list(AGGREGATIONS)}")
+    if pool < 1 or pool % 2 == 0:
+        raise OptionError(f"pool must be an odd window side >= 1 (a centred local average), got {pool}")
 
 
 def concat_levels(features: list[Tensor]) -> Tensor:
@@ -119,13 +153,17 @@ def _channels_last_levels(features: list[Tensor]) -> Tensor:
     """
     if not features:
         raise ValueError("concat_levels needs at least one feature level, got an empty list")
+    return torch.cat([level.permute(0, 2, 3, 1) for level in _aligned(features)], dim=3)
+
+
+def _aligned(features: list[Tensor]) -> list[Tensor]:
+    """Every level upsampled (bilinear) to the finest level's grid, in channels-last memory."""
     size = max((level.shape[-2:] for level in features), key=lambda hw: hw[0] * hw[1])
-    aligned = [
+    return [
         level if level.shape[-2:] == size else F.interpolate(
             level.contiguous(memory_format=torch.channels_last), size, mode="bilinear", align_corners=False)
         for level in features
     ]
-    return torch.cat([level.permute(0, 2, 3, 1) for level in aligned], dim=3)
 
 
 def create_classifier(

@@ -16,7 +16,14 @@ from pathlib import Path
 
 from reconray import __version__
 from reconray.methods import METHODS
-from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_LEVELS
+from reconray.methods.backbone import (
+    AGGREGATIONS,
+    DEFAULT_AGGREGATION,
+    DEFAULT_BACKBONE,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_LEVELS,
+    DEFAULT_POOL,
+)
 from reconray.methods.errors import OptionError, ReconrayError
 from reconray.pipelines.console import console_session, table
 from reconray.pipelines.serve_options import ServeOptions
@@ -70,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--data", required=True, help="MVTec AD / MVTec 3D-AD root or category, split CSV, or folder")
     fit.add_argument("--method", choices=sorted(METHODS), help="required unless --config names it")
     fit.add_argument("--config", type=Path, help="a setting to fit, e.g. the best.yaml of `reconray tune`: method, "
-                     "options, levels, image_size (flags and --set given here win)")
+                     "options, levels, image_size, aggregation, pool (flags and --set given here win)")
     fit.add_argument("--out", required=True, type=Path, help="artifact directory to write")
     fit.add_argument("--work-dir", type=Path,
                      help="feature cache, checkpoints and log (default <out>-work, beside the artifact)")
@@ -156,6 +163,9 @@ def _feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, help=f"input side (default {DEFAULT_IMAGE_SIZE})")
     parser.add_argument("--levels", type=_levels,
                         help=f"backbone feature levels, comma-separated (default {','.join(map(str, DEFAULT_LEVELS))})")
+    parser.add_argument("--aggregation", choices=AGGREGATIONS,
+                        help=f"local averaging before or after aligning the levels (default {DEFAULT_AGGREGATION})")
+    parser.add_argument("--pool", type=int, help=f"side of the local average window, odd (default {DEFAULT_POOL})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,7 +219,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         training = _validated(TrainConfig, {key: value for key, value in given.items() if value is not None})
         fit_model(
             args.data, setting["method"], args.out, categories=_categories(args.categories), backbone=args.backbone,
-            levels=setting["levels"], image_size=setting["image_size"], weights=args.weights,
+            levels=setting["levels"], image_size=setting["image_size"], aggregation=setting["aggregation"],
+            pool=setting["pool"], weights=args.weights,
             options=setting["options"], training=training, work_dir=args.work_dir, on_bad_image=args.on_bad_image,
         )
     elif args.command == "tune":
@@ -224,7 +235,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             objective=args.objective, time_budget_s=args.time_budget_s, trial_cpus=args.trial_cpus,
             trial_gpus=args.trial_gpus,
             categories=_categories(args.categories), backbone=args.backbone, levels=args.levels or DEFAULT_LEVELS,
-            image_size=args.image_size or DEFAULT_IMAGE_SIZE,
+            image_size=args.image_size or DEFAULT_IMAGE_SIZE, aggregation=args.aggregation or DEFAULT_AGGREGATION,
+            pool=DEFAULT_POOL if args.pool is None else args.pool,
         )
         logger.info("best %s %.4f with %s: %s, %s", args.objective, summary.best_objective, summary.best_options,
                     args.out / "best.yaml", args.out / "best")
@@ -272,7 +284,7 @@ def _fit_setting(args: argparse.Namespace) -> dict[str, object]:
         except (OSError, yaml.YAMLError) as error:
             raise OptionError(f"{args.config}: cannot read the fit setting ({error})") from error
         if not isinstance(config, dict):
-            raise OptionError(f"{args.config}: expected a mapping with method, options, levels, image_size")
+            raise OptionError(f"{args.config}: expected a mapping with method, options and feature settings")
     method = args.method or config.get("method")
     if method not in METHODS:
         raise OptionError(f"--method (or method: in --config) must be one of {sorted(METHODS)}, got {method!r}")
@@ -281,6 +293,8 @@ def _fit_setting(args: argparse.Namespace) -> dict[str, object]:
         "options": {**dict(config.get("options") or {}), **parse_key_values(args.options)},
         "levels": args.levels or config.get("levels") or list(DEFAULT_LEVELS),
         "image_size": args.image_size or config.get("image_size") or DEFAULT_IMAGE_SIZE,
+        "aggregation": args.aggregation or config.get("aggregation") or DEFAULT_AGGREGATION,
+        "pool": args.pool if args.pool is not None else config.get("pool", DEFAULT_POOL),
     }
 
 

@@ -94,6 +94,8 @@ def evaluate_model(
     metrics = {
         "method": config.method,
         "backbone": config.spec.backbone,
+        "features": {"levels": config.spec.levels, "image_size": config.spec.image_size,
+                     "aggregation": config.spec.aggregation, "pool": config.spec.pool},
         "categories": category_metrics,
         "mean": mean_metrics(category_metrics),
         "timing": {

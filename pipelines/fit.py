@@ -20,7 +20,15 @@ import numpy as np
 
 from reconray.methods import create_method
 from reconray.methods.artifact import FitRecord, ModelSpec, save_artifact, set_thresholds
-from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_LEVELS, backbone_normalization
+from reconray.methods.backbone import (
+    DEFAULT_AGGREGATION,
+    DEFAULT_BACKBONE,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_LEVELS,
+    DEFAULT_POOL,
+    backbone_normalization,
+    check_aggregation,
+)
 from reconray.methods.errors import DatasetError
 from reconray.methods.scoring import calibrated_threshold, category_thresholds
 from reconray.pipelines.console import stage
@@ -53,6 +61,8 @@ def fit_model(
     backbone: str = DEFAULT_BACKBONE,
     levels: Sequence[int] = DEFAULT_LEVELS,
     image_size: int = DEFAULT_IMAGE_SIZE,
+    aggregation: str = DEFAULT_AGGREGATION,
+    pool: int = DEFAULT_POOL,
     weights: str | None = None,
     options: dict[str, Any] | None = None,
     training: TrainConfig | None = None,
@@ -64,12 +74,16 @@ def fit_model(
 ) -> FitResult:
     """Fits `method_name` on the normal training images of `data` and writes the artifact to `out_dir`.
 
-    Options are validated first (`--set index=foo` fails before any image is read). `work_dir` (default: `<out>-work`
-    beside the artifact) holds training byproducts; `feature_cache` is a folder of backbone-feature caches shared by
-    fits of the same images, so fitting several methods extracts the features once. `exclude` names training images
-    kept out of the fit (a validation split, `validation.carve`); the calibration images do not depend on it.
+    Options and feature settings are validated first (`--set index=foo` fails before any image is read). `work_dir`
+    (default: `<out>-work` beside the artifact) holds training byproducts; `feature_cache` is a folder of
+    backbone-feature caches shared by fits of the same images, so fitting several methods extracts the features once.
+    `exclude` names training images kept out of the fit (a validation split, `validation.carve`); the calibration
+    images do not depend on it.
     """
     method = create_method(method_name, **(options or {}))
+    check_aggregation(aggregation, pool)
+    mean, std = backbone_normalization(backbone, weights)
+    spec = ModelSpec(backbone, list(levels), image_size, list(mean), list(std), weights, aggregation, pool)
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
     train = split_samples(discover(data, categories), "train")
@@ -80,8 +94,6 @@ def fit_model(
         (fit_samples, calibration), selection = calibration_split(validation.samples), []
     excluded = {str(Path(image).resolve()) for image in exclude}
     fit_samples = [sample for sample in fit_samples if str(Path(sample.image).resolve()) not in excluded]
-    mean, std = backbone_normalization(backbone, weights)
-    spec = ModelSpec(backbone, list(levels), image_size, list(mean), list(std), weights)
     ensure_ray()
     resources = resources or plan_resources()
     logger.info("fit %s: %d images, %d held out for the threshold%s, %d skipped", method_name, len(fit_samples),

@@ -393,7 +393,12 @@ def method_report(
     """report.md of one evaluated model: per-category table with a mean row, timing, ROC plots (written under
     `out_dir`, the report's folder), heatmaps, skipped images."""
     rows = [(name, values) for name, values in metrics["categories"].items()] + [("**mean**", metrics["mean"])]
-    lines = [f"# reconray evaluation: {metrics['method']} ({metrics['backbone']})", "", *metrics_table(rows), ""]
+    lines = [f"# reconray evaluation: {metrics['method']} ({metrics['backbone']})", ""]
+    if "features" in metrics:
+        features = metrics["features"]
+        lines += [f"Features: levels {', '.join(map(str, features['levels']))} at {features['image_size']} px, "
+                  f"{features['pool']}x{features['pool']} local average, {features['aggregation']}.", ""]
+    lines += [*metrics_table(rows), ""]
     lines += ["## Timing", "", *timing_lines(metrics["timing"]), ""]
     lines += threshold_section(metrics.get("decisions", {}))
     lines += roc_section(out_dir, {metrics["method"]: scores})

@@ -94,6 +94,8 @@ class ModelInfo(BaseModel):
     backbone: str
     levels: list[int]
     image_size: int
+    aggregation: str = Field(description="feature aggregation order (pool-align or align-pool)")
+    pool: int = Field(description="side of the features' local average window")
     threshold: float | None = Field(description="threshold in use by this deployment")
     calibrated_threshold: float | None = Field(description="threshold stored in the artifact at fit time")
     category_thresholds: dict[str, float] = Field(description="per category, the threshold calibrated at fit time on "
@@ -261,7 +263,8 @@ class AnomalyScorer:
         self._model = ModelRef(method=artifact.method.name, sha256=artifact.sha256)
         self._info = ModelInfo(
             method=artifact.method.name, backbone=artifact.spec.backbone, levels=artifact.spec.levels,
-            image_size=artifact.spec.image_size, threshold=artifact.threshold if threshold is None else threshold,
+            image_size=artifact.spec.image_size, aggregation=artifact.spec.aggregation, pool=artifact.spec.pool,
+            threshold=artifact.threshold if threshold is None else threshold,
             calibrated_threshold=artifact.threshold, category_thresholds=artifact.config.category_thresholds,
             categories=artifact.categories, sha256=artifact.sha256, device=str(device), torch_threads=threads,
             max_batch_size=max_batch_size, max_bytes=max_bytes, max_side=max_side,

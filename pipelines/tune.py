@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -35,7 +36,15 @@ from scipy import stats
 
 from reconray.methods import METHODS, create_method
 from reconray.methods.artifact import ModelSpec
-from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_IMAGE_SIZE, DEFAULT_LEVELS, backbone_normalization
+from reconray.methods.backbone import (
+    AGGREGATIONS,
+    DEFAULT_AGGREGATION,
+    DEFAULT_BACKBONE,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_LEVELS,
+    DEFAULT_POOL,
+    backbone_normalization,
+)
 from reconray.methods.errors import OptionError
 from reconray.methods.rlr import RLR
 from reconray.methods.scoring import calibrated_threshold, score_features
@@ -63,7 +72,7 @@ ASHA_REDUCTION = 2
 """ASHA stops an rlr trial below the median of those that reached the same rung (a quarter and a half of the longest
 setting's epochs)."""
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
-FEATURE_KEYS = ("levels", "image_size")
+FEATURE_KEYS = ("levels", "image_size", "aggregation", "pool")
 """Space keys that change the features rather than the method: features are extracted once per distinct value."""
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -141,6 +150,10 @@ def check_space(method: str, space: dict[str, Any]) -> None:
                 create_method(method, **{key: value})
             elif key == "image_size" and not (isinstance(value, int) and value >= 32):
                 raise OptionError(f"search space key 'image_size': {value!r} is not an image side >= 32")
+            elif key == "aggregation" and value not in AGGREGATIONS:
+                raise OptionError(f"search space key 'aggregation': {value!r} is not one of {list(AGGREGATIONS)}")
+            elif key == "pool" and not (isinstance(value, int) and value >= 1 and value % 2):
+                raise OptionError(f"search space key 'pool': {value!r} is not an odd window side >= 1")
 
 
 def _candidate_values(key: str, spec: Any) -> list[Any]:
@@ -192,6 +205,8 @@ def tune_method(
     backbone: str = DEFAULT_BACKBONE,
     levels: Sequence[int] = DEFAULT_LEVELS,
     image_size: int = DEFAULT_IMAGE_SIZE,
+    aggregation: str = DEFAULT_AGGREGATION,
+    pool: int = DEFAULT_POOL,
     seed: int = 0,
     resources: Resources | None = None,
 ) -> SweepSummary:
@@ -215,7 +230,8 @@ def tune_method(
     trains = issubclass(METHODS[method], RLR)
     ensure_ray(dashboard=trains)
     resources = resources or plan_resources()
-    specs = _feature_specs(space, backbone, list(levels), image_size)
+    default_features = {"levels": list(levels), "image_size": image_size, "aggregation": aggregation, "pool": pool}
+    specs = _feature_specs(space, backbone, default_features)
     logger.info("tune %s: %d fit, %d calibration and %d validation images (%d painted), %d feature setting(s)",
                 method, len(carving.fit), len(carving.calibration), len(painted),
                 sum(sample.label for sample in painted), len(specs))
@@ -224,7 +240,7 @@ def tune_method(
     features = {key: _sweep_features(spec, carving, painted, resources, work_dir, trains)
                 for key, spec in specs.items()}
     features_s = time.perf_counter() - began
-    setting = {"method": method, "features": features, "default_key": _spec_key(levels, image_size)}
+    setting = {"method": method, "features": features, "default_features": default_features}
     training = TrainConfig(cpus_per_worker=trial_cpus, use_gpu=trial_gpus > 0, max_failures=0)
     if trains:
         # The driver function only waits on its TorchTrainer, whose worker holds the trial's CPUs and GPUs; Tune
@@ -258,8 +274,7 @@ def tune_method(
     trials = [_trial_row(result, objective) for result in results]
     summary = _summarize(trials, objective, method, out_dir, searched=[key for key, spec in space.items()
                                                                         if isinstance(spec, dict)])
-    best_features = {key: summary.best_features.get(key, default) for key, default in
-                     (("levels", list(levels)), ("image_size", image_size))}
+    best_features = default_features | summary.best_features
     # An rlr fit resumes the best trial's finished run (same name: options and features), so it is not trained again.
     fit_model(data, method, out_dir / "best", categories=categories, backbone=backbone, options=summary.best_options,
               exclude=[sample.image for sample in carving.validation], resources=resources, training=training,
@@ -313,17 +328,21 @@ def _search_algorithm(search: str, space: dict[str, Any], seed: int) -> Any:
     return OptunaSearch(seed=seed)
 
 
-def _spec_key(levels: Sequence[int], image_size: int) -> str:
-    return f"levels={','.join(map(str, levels))};image_size={image_size}"
+def _spec_key(features: dict[str, Any]) -> str:
+    """The identity of one feature setting (a value for every `FEATURE_KEYS` entry)."""
+    return json.dumps({key: features[key] for key in FEATURE_KEYS}, sort_keys=True)
 
 
-def _feature_specs(space: dict[str, Any], backbone: str, levels: list[int], image_size: int) -> dict[str, ModelSpec]:
-    """One `ModelSpec` per distinct (levels, image size) the space can ask for."""
-    level_values = _candidate_values("levels", space["levels"]) if "levels" in space else [levels]
-    size_values = _candidate_values("image_size", space["image_size"]) if "image_size" in space else [image_size]
+def _feature_specs(space: dict[str, Any], backbone: str, default_features: dict[str, Any]) -> dict[str, ModelSpec]:
+    """One `ModelSpec` per distinct feature setting the space can ask for (the defaults where it searches none)."""
+    values = [_candidate_values(key, space[key]) if key in space else [default_features[key]] for key in FEATURE_KEYS]
     mean, std = backbone_normalization(backbone)
-    return {_spec_key(level_set, size): ModelSpec(backbone, list(level_set), size, list(mean), list(std))
-            for level_set in level_values for size in size_values}
+    specs = {}
+    for combination in itertools.product(*values):
+        features = dict(zip(FEATURE_KEYS, combination, strict=True))
+        specs[_spec_key(features)] = ModelSpec(backbone, list(features["levels"]), features["image_size"], list(mean),
+                                               list(std), aggregation=features["aggregation"], pool=features["pool"])
+    return specs
 
 
 def _extract(spec: ModelSpec, sets: dict[str, Sequence[Sample]], resources: Resources) -> dict[str, Any]:
@@ -333,11 +352,12 @@ def _extract(spec: ModelSpec, sets: dict[str, Sequence[Sample]], resources: Reso
     return {"image_size": spec.image_size} | {name: ray.put(parts) for name, parts in batches.items()}
 
 
-def _trial_setting(config: dict[str, Any], features: dict[str, Any], default_key: str) -> tuple[dict, dict]:
-    """A trial's method options and the features of its feature setting (levels, image size)."""
+def _trial_setting(config: dict[str, Any], features: dict[str, Any], default_features: dict[str, Any]
+                   ) -> tuple[dict, dict]:
+    """A trial's method options and the features of its feature setting (the sweep's defaults where it has none)."""
     options = {key: value for key, value in config.items() if key not in FEATURE_KEYS}
-    key = _spec_key(config.get("levels", []), config.get("image_size", 0)) if set(config) & set(FEATURE_KEYS) else None
-    return options, features[key or default_key]
+    setting = default_features | {key: value for key, value in config.items() if key in FEATURE_KEYS}
+    return options, features[_spec_key(setting)]
 
 
 def _threshold(model: Any, data: dict[str, Any]) -> float | None:
@@ -347,11 +367,12 @@ def _threshold(model: Any, data: dict[str, Any]) -> float | None:
     return calibrated_threshold(torch.cat(calibration).numpy()) if calibration else None
 
 
-def _bank_trial(config: dict[str, Any], method: str, features: dict[str, Any], default_key: str) -> None:
+def _bank_trial(config: dict[str, Any], method: str, features: dict[str, Any],
+                default_features: dict[str, Any]) -> None:
     """A training-free method's trial: fit on the cached fit features in-process, calibrate, score the validation
     split, report once."""
     torch.set_num_threads(max(1, math.floor(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))))
-    options, data = _trial_setting(config, features, default_key)
+    options, data = _trial_setting(config, features, default_features)
     model = create_method(method, **options)
     started = time.perf_counter()
     model.fit([level_tensors(batch) for batch in ray.get(data["fit"])])
@@ -361,7 +382,7 @@ def _bank_trial(config: dict[str, Any], method: str, features: dict[str, Any], d
     tune.report({**metrics, "threshold": threshold, "fit_s": fitted - started, "score_s": time.perf_counter() - fitted})
 
 
-def _rlr_trial(config: dict[str, Any], method: str, features: dict[str, Any], default_key: str,
+def _rlr_trial(config: dict[str, Any], method: str, features: dict[str, Any], default_features: dict[str, Any],
                training: TrainConfig, trials_dir: Path) -> None:
     """An rlr trial, a driver function as in Ray's Train + Tune guide: it builds and runs a `TorchTrainer`
     (its run in `trials_dir/<trial id>/train`, named like `fit_model`'s so that `best/` reuses the trained model) whose
@@ -369,7 +390,7 @@ def _rlr_trial(config: dict[str, Any], method: str, features: dict[str, Any], de
     reports each epoch's record with `ray.tune.report`, so ASHA can stop a weak trial early. A final report adds the
     threshold and timings of the finished model."""
     ray.data.DataContext.get_current().enable_progress_bars = False
-    options, data = _trial_setting(config, features, default_key)
+    options, data = _trial_setting(config, features, default_features)
     model = create_method(method, **options)
     started = time.perf_counter()
     epochs = model.options.epochs

@@ -175,6 +175,25 @@ def test_a_config_with_a_wrong_field_is_refused_naming_it(model_copy: Path) -> N
         read_config(model_copy)
 
 
+def test_feature_aggregation_is_part_of_the_spec(model_copy: Path) -> None:
+    """An artifact written before aggregation and pool were recorded was fitted with pool-align 3x3 and loads so; a
+    recorded setting reaches the scorer's extractor; an unknown one is refused naming the field."""
+    config_path = model_copy / CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    assert (config["spec"]["aggregation"], config["spec"]["pool"]) == ("pool-align", 3)
+    del config["spec"]["aggregation"], config["spec"]["pool"]
+    config_path.write_text(json.dumps(config))
+    assert (read_config(model_copy).spec.aggregation, read_config(model_copy).spec.pool) == ("pool-align", 3)
+    config["spec"] |= {"aggregation": "align-pool", "pool": 5}
+    config_path.write_text(json.dumps(config))
+    extractor = load_artifact(model_copy).scorer().extractor
+    assert (extractor.aggregation, extractor.pool) == ("align-pool", 5)
+    config["spec"]["aggregation"] = "mean"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match=r"config\.json: spec.*unknown feature aggregation 'mean'"):
+        read_config(model_copy)
+
+
 def test_missing_listed_file_and_unknown_method(model_copy: Path) -> None:
     config = json.loads((model_copy / CONFIG_FILE).read_text())
     (model_copy / "bank.faiss").rename(model_copy / "moved.faiss")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reconray.methods.backbone import (
+    AGGREGATIONS,
     DEFAULT_BACKBONE,
     DEFAULT_IMAGE_SIZE,
     FeatureExtractor,
@@ -121,6 +122,54 @@ def test_local_average_keeps_constant_regions_constant() -> None:
     far_from_block[7:13, 7:13] = False
     assert torch.equal(averaged[0, 0][far_from_block], torch.full((int(far_from_block.sum()),), 5.0))
     assert averaged[0, 0, 9, 9] == 9.0 and averaged[0, 0, 7, 7] == pytest.approx((8 * 5.0 + 9.0) / 9)
+
+
+class _TwoLevels(nn.Module):
+    """Stand-in backbone with fixed random fine (8x8) and coarse (4x4) maps, to compare the aggregation orders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.fine = torch.randn(1, 2, 8, 8, generator=generator)
+        self.coarse = torch.randn(1, 3, 4, 4, generator=generator)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return [self.fine.expand(len(images), -1, -1, -1), self.coarse.expand(len(images), -1, -1, -1)]
+
+
+def _average(level: Tensor, pool: int) -> Tensor:
+    return F.avg_pool2d(level, pool, stride=1, padding=pool // 2, count_include_pad=False)
+
+
+@pytest.mark.parametrize("pool", [1, 3, 5])
+def test_aggregation_orders_pool_and_align_as_named(pool: int) -> None:
+    """pool-align averages each level on its own grid; align-pool upsamples the coarse level to the fine grid first,
+    so its window covers `pool` fine cells, not `pool` coarse ones."""
+    backbone = _TwoLevels()
+    upsampled = F.interpolate(backbone.coarse, size=(8, 8), mode="bilinear", align_corners=False)
+    outputs = {}
+    for aggregation in AGGREGATIONS:
+        extractor = FeatureExtractor(pretrained=False, aggregation=aggregation, pool=pool)
+        extractor.model = backbone
+        outputs[aggregation] = extractor(torch.zeros(2, 3, 64, 64))
+    fine, coarse = outputs["pool-align"]
+    torch.testing.assert_close(fine[:1], _average(backbone.fine, pool))
+    torch.testing.assert_close(coarse[:1], _average(backbone.coarse, pool))
+    fine, coarse = outputs["align-pool"]
+    torch.testing.assert_close(fine[:1], _average(backbone.fine, pool))
+    torch.testing.assert_close(coarse[:1], _average(upsampled, pool))
+    pooled_then_aligned = concat_levels(outputs["pool-align"])
+    aligned_then_pooled = concat_levels(outputs["align-pool"])
+    assert pooled_then_aligned.shape == aligned_then_pooled.shape == (2, 5, 8, 8)
+    torch.testing.assert_close(pooled_then_aligned[:, :2], aligned_then_pooled[:, :2])
+    assert torch.equal(pooled_then_aligned[:, 2:], aligned_then_pooled[:, 2:]) == (pool == 1)
+
+
+def test_bad_aggregation_and_pool_are_refused() -> None:
+    with pytest.raises(OptionError, match="unknown feature aggregation 'mean'"):
+        FeatureExtractor(pretrained=False, aggregation="mean")
+    with pytest.raises(OptionError, match="odd window side >= 1.*got 2"):
+        FeatureExtractor(pretrained=False, pool=2)
 
 
 def test_bad_level_names_value_and_range() -> None:

@@ -35,8 +35,10 @@ def unreadable_test_split(synthetic_root: Path, tmp_path: Path) -> Path:
 
 
 def test_a_four_trial_sgfr_sweep_writes_its_table_and_best_setting(ray_session, unreadable_test_split, tmp_path):
-    """Optuna's sampler here (the random and grid search in the other sweeps); the test images cannot be opened."""
-    space = {"k": {"choice": [4, 8]}, "lam": {"loguniform": [0.001, 0.1]}, "basis_ratio": 0.2}
+    """Optuna's sampler here (the random and grid search in the other sweeps); the test images cannot be opened. The
+    feature aggregation is searched too: features are extracted once per setting, and best/ is fitted on its own."""
+    space = {"k": {"choice": [4, 8]}, "lam": {"loguniform": [0.001, 0.1]}, "basis_ratio": 0.2,
+             "aggregation": {"choice": ["pool-align", "align-pool"]}}
     out = tmp_path / "sweep"
     summary = tune_method(unreadable_test_split, "sgfr", out, space=space, num_samples=4, categories=["nut"],
                           image_size=64, trial_cpus=1.0, search="optuna")
@@ -47,7 +49,7 @@ def test_a_four_trial_sgfr_sweep_writes_its_table_and_best_setting(ray_session, 
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4
-    assert {"k", "lam", "mean_auroc", "image_auroc", "pixel_auroc", "fit_s", "status"} <= set(rows[0])
+    assert {"k", "lam", "aggregation", "mean_auroc", "image_auroc", "pixel_auroc", "fit_s", "status"} <= set(rows[0])
     assert all(0.0 <= float(row["mean_auroc"]) <= 1.0 for row in rows)
     assert summary.best_objective == max(float(row["mean_auroc"]) for row in rows)
     best = yaml.safe_load((out / "best.yaml").read_text())
@@ -56,7 +58,8 @@ def test_a_four_trial_sgfr_sweep_writes_its_table_and_best_setting(ray_session, 
     metrics = evaluate_model(out / "best", out / "validation" / "split.csv", tmp_path / "check")
     mean = metrics["mean"]
     assert (mean["image_auroc"] + mean["pixel_auroc"]) / 2 == pytest.approx(summary.best_objective, abs=1e-6)
-    assert json.loads((out / "best" / "config.json").read_text())["options"]["k"] == best["options"]["k"]
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["options"]["k"] == best["options"]["k"] and config["spec"]["aggregation"] == best["aggregation"]
 
 
 def test_bad_search_spaces_are_refused_naming_the_key(tmp_path: Path) -> None:
@@ -66,6 +69,8 @@ def test_bad_search_spaces_are_refused_naming_the_key(tmp_path: Path) -> None:
         "wrong type": ({"k": {"choice": [4, "many"]}}, "sgfr.k='many'"),
         "bad kind": ({"k": {"among": [4]}}, "'k': expected one of"),
         "out of range": ({"basis_ratio": 2.0}, "sgfr.basis_ratio=2.0"),
+        "aggregation": ({"aggregation": {"choice": ["pool-align", "max"]}}, "'aggregation': 'max' is not one of"),
+        "pool": ({"pool": {"grid": [3, 4]}}, "'pool': 4 is not an odd window side"),
     }
     for name, (space, message) in cases.items():
         with pytest.raises(OptionError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -96,7 +101,10 @@ def test_fit_config_takes_the_best_setting_and_the_command_line_wins(tmp_path: P
     best.write_text(yaml.safe_dump({"method": "sgfr", "options": {"k": 16, "lam": 0.05}, "image_size": 128}))
     args = _parser().parse_args(["fit", "--data", "d", "--out", "m", "--config", str(best), "--set", "k=4"])
     assert _fit_setting(args) == {"method": "sgfr", "options": {"k": "4", "lam": 0.05}, "levels": [2, 3],
-                                  "image_size": 128}
+                                  "image_size": 128, "aggregation": "pool-align", "pool": 3}
+    best.write_text(yaml.safe_dump({"method": "sgfr", "aggregation": "align-pool", "pool": 5}))
+    args = _parser().parse_args(["fit", "--data", "d", "--out", "m", "--config", str(best), "--pool", "1"])
+    assert (_fit_setting(args)["aggregation"], _fit_setting(args)["pool"]) == ("align-pool", 1)
     args = _parser().parse_args(["fit", "--data", "d", "--out", "m", "--config", str(tmp_path / "missing.yaml")])
     with pytest.raises(OptionError, match="missing.yaml: cannot read the fit setting"):
         _fit_setting(args)
