@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from reconray.methods.backbone import DEFAULT_POOL, FeatureExtractor, check_aggregation
 from reconray.methods.base import METHODS, AnomalyMethod, MethodState
 from reconray.methods.errors import ArtifactError, OptionError
+from reconray.methods.extended import ExtendedBank, is_extended
 from reconray.methods.scoring import Scorer
 
 SCHEMA_VERSION = 2
@@ -61,7 +62,8 @@ class ModelSpec:
 
 
 class FitRecord(pydantic.BaseModel):
-    """What the fit saw: its duration, how many images it fitted on and held out, and the images it skipped."""
+    """What the fit saw: its duration, how many images it fitted on and held out, the images it skipped, and the
+    model it extended, if any (these counts are then the new categories' alone)."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
@@ -69,6 +71,8 @@ class FitRecord(pydantic.BaseModel):
     n_fit: int = 0
     n_calibration: int = 0
     skipped: list[dict[str, str]] = []
+    extends: str | None = None
+    """sha256 of the config.json of the model this one extends (`fit --add-to`), None for a model fitted whole."""
 
 
 class ArtifactConfig(pydantic.BaseModel):
@@ -187,7 +191,9 @@ def load_artifact(directory: str | Path) -> Artifact:
                  if name.endswith(".faiss")},
         info=config.method_info,
     )
-    return Artifact(method=method_class.from_state(state), config=config, sha256=_sha256(directory / CONFIG_FILE))
+    method = ExtendedBank.from_state(state, method_class) if is_extended(config.method_info) else \
+        method_class.from_state(state)
+    return Artifact(method=method, config=config, sha256=_sha256(directory / CONFIG_FILE))
 
 
 def set_thresholds(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import faiss
@@ -86,6 +86,11 @@ class AnomalyMethod(ABC):
     @abstractmethod
     def score(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Returns patch-level anomaly scores `(B, h, w)` on the finest level's grid (higher = more anomalous)."""
+
+    def score_categories(self, features: list[torch.Tensor], categories: Sequence[str | None]) -> torch.Tensor:
+        """`score` for images whose categories are known (None where not); a model fitted over all its categories at
+        once scores every image alike, and only an extended model (`methods.extended`) routes by category."""
+        return self.score(features)
 
     @abstractmethod
     def state(self) -> MethodState:

@@ -85,13 +85,13 @@ class Scorer:
         self.method = method.to(self.device)
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> ScoredBatch:
-        """Scores `images` `(B, 3, H, W)`, normalized as the backbone expects."""
+    def __call__(self, images: torch.Tensor, categories: Sequence[str | None] | None = None) -> ScoredBatch:
+        """Scores `images` `(B, 3, H, W)`, normalized as the backbone expects, of `categories` where known."""
         started = time.perf_counter()
         features = self.extractor(images.to(self.device))
         synchronize(self.device)
         extracted = time.perf_counter()
-        scores, maps, patch_scores = score_features(self.method, features, tuple(images.shape[-2:]))
+        scores, maps, patch_scores = score_features(self.method, features, tuple(images.shape[-2:]), categories)
         synchronize(self.device)
         finished = time.perf_counter()
         return ScoredBatch(scores.cpu(), maps.cpu(), patch_scores.cpu(), extracted - started, finished - extracted)
@@ -99,11 +99,13 @@ class Scorer:
 
 @torch.inference_mode()
 def score_features(
-    method: AnomalyMethod, features: list[torch.Tensor], image_size: tuple[int, int]
+    method: AnomalyMethod, features: list[torch.Tensor], image_size: tuple[int, int],
+    categories: Sequence[str | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image scores `(B,)`, anomaly maps `(B, H, W)` and patch scores of already extracted features: the part of the
-    scoring path after the backbone, shared by `Scorer` and by sweeps that score cached features."""
-    patch_scores = method.score(features)
+    scoring path after the backbone, shared by `Scorer` and by sweeps that score cached features. `categories`
+    (one per image, None where unknown) route an extended model's images to the part fitted on their category."""
+    patch_scores = method.score(features) if categories is None else method.score_categories(features, categories)
     maps = anomaly_map(patch_scores, image_size)
     return image_scores(maps), maps, patch_scores
 

@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--config", type=Path, help="a setting to fit, e.g. the best.yaml of `reconray tune`: method, "
                      "options, levels, image_size, aggregation, pool (flags and --set given here win)")
     fit.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    fit.add_argument("--add-to", type=Path, metavar="MODEL",
+                     help="extend this bank-method model (patchcore, sgfr) with the new categories of --data, leaving "
+                     "its existing categories' scores unchanged; method, options and features are MODEL's")
     fit.add_argument("--work-dir", type=Path,
                      help="feature cache, checkpoints and log (default <out>-work, beside the artifact)")
     fit.add_argument("--categories", help="comma-separated subset of categories")
@@ -212,7 +215,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         from reconray.pipelines.fit import fit_model
         from reconray.pipelines.fitting import TrainConfig
 
-        setting = _fit_setting(args)
+        setting = _extension_setting(args) if args.add_to else _fit_setting(args)
         given = {"num_workers": args.num_workers, "cpus_per_worker": args.cpus_per_worker, "use_gpu": args.use_gpu,
                  "max_failures": args.max_failures, "checkpoint_every": args.checkpoint_every,
                  "validate_every": args.validate_every}
@@ -222,6 +225,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             levels=setting["levels"], image_size=setting["image_size"], aggregation=setting["aggregation"],
             pool=setting["pool"], weights=args.weights,
             options=setting["options"], training=training, work_dir=args.work_dir, on_bad_image=args.on_bad_image,
+            add_to=args.add_to,
         )
     elif args.command == "tune":
         from reconray.pipelines.tune import PRESETS, load_space, tune_method
@@ -296,6 +300,20 @@ def _fit_setting(args: argparse.Namespace) -> dict[str, object]:
         "aggregation": args.aggregation or config.get("aggregation") or DEFAULT_AGGREGATION,
         "pool": args.pool if args.pool is not None else config.get("pool", DEFAULT_POOL),
     }
+
+
+def _extension_setting(args: argparse.Namespace) -> dict[str, object]:
+    """`fit --add-to`: the model fixes the method, its options and the features, so flags that set them are refused
+    rather than silently ignored."""
+    given = {"--method": args.method, "--config": args.config, "--set": args.options or None,
+             "--levels": args.levels, "--image-size": args.image_size, "--aggregation": args.aggregation,
+             "--pool": args.pool, "--weights": args.weights,
+             "--backbone": args.backbone if args.backbone != DEFAULT_BACKBONE else None}
+    conflicting = [flag for flag, value in given.items() if value is not None]
+    if conflicting:
+        raise OptionError(f"--add-to takes the method, options and features from {args.add_to}; drop {conflicting}")
+    return {"method": None, "options": {}, "levels": list(DEFAULT_LEVELS), "image_size": DEFAULT_IMAGE_SIZE,
+            "aggregation": DEFAULT_AGGREGATION, "pool": DEFAULT_POOL}
 
 
 def _validated(model: type, values: dict[str, object]) -> object:

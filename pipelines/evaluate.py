@@ -170,13 +170,14 @@ def predict_images(
     `images` may name files, folders and glob patterns (see `expand_images`); every image is scored once, in the
     order they were named. A missing path or a pattern without a match raises `DatasetError` before any Ray work.
     The verdicts use `threshold` if given, else the threshold calibrated for `category` (an `OptionError` when the
-    model was not fitted on it), else the model's global one.
+    model was not fitted on it), else the model's global one; a model extended with `--add-to` also scores the
+    images with the part fitted on `category`.
     """
     paths = expand_images(images)
     config = read_config(model_dir)
     calibrated = config.threshold_for(category)
     threshold = calibrated if threshold is None else threshold
-    samples = validate([Sample(str(path), "", "test", 0) for path in paths]).samples
+    samples = validate([Sample(str(path), category or "", "test", 0) for path in paths]).samples
     position = {sample.image: index for index, sample in enumerate(samples)}
     ensure_ray()
     resources = resources or plan_resources()

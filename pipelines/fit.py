@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from reconray.methods import create_method
-from reconray.methods.artifact import FitRecord, ModelSpec, save_artifact, set_thresholds
+from reconray.methods.artifact import ArtifactConfig, FitRecord, ModelSpec, load_artifact, save_artifact, set_thresholds
 from reconray.methods.backbone import (
     DEFAULT_AGGREGATION,
     DEFAULT_BACKBONE,
@@ -29,7 +29,8 @@ from reconray.methods.backbone import (
     backbone_normalization,
     check_aggregation,
 )
-from reconray.methods.errors import DatasetError
+from reconray.methods.errors import DatasetError, OptionError
+from reconray.methods.extended import ExtendedBank, check_extensible
 from reconray.methods.scoring import calibrated_threshold, category_thresholds
 from reconray.pipelines.console import stage
 from reconray.pipelines.datasets import Sample, discover, split_samples, validate
@@ -71,6 +72,7 @@ def fit_model(
     resources: Resources | None = None,
     feature_cache: str | Path | None = None,
     exclude: Collection[str] = (),
+    add_to: str | Path | None = None,
 ) -> FitResult:
     """Fits `method_name` on the normal training images of `data` and writes the artifact to `out_dir`.
 
@@ -79,14 +81,29 @@ def fit_model(
     backbone-feature caches shared by fits of the same images, so fitting several methods extracts the features once.
     `exclude` names training images kept out of the fit (a validation split, `validation.carve`); the calibration
     images do not depend on it.
+
+    `add_to` names a bank-method artifact to extend with the categories of `data` (see `methods.extended`): the
+    method, its options and the feature spec are the artifact's (`method_name`, `options` and the feature settings
+    are then ignored), the existing categories keep their parts and thresholds, and `out_dir` gets the new model.
     """
-    method = create_method(method_name, **(options or {}))
-    check_aggregation(aggregation, pool)
-    mean, std = backbone_normalization(backbone, weights)
-    spec = ModelSpec(backbone, list(levels), image_size, list(mean), list(std), weights, aggregation, pool)
+    base = load_artifact(add_to) if add_to is not None else None  # hash-checked before anything is fitted
+    if base is not None:
+        check_extensible(base.method)
+        method_name, spec = base.config.method, base.spec
+        method = create_method(method_name, **base.config.options)
+    else:
+        method = create_method(method_name, **(options or {}))
+        check_aggregation(aggregation, pool)
+        mean, std = backbone_normalization(backbone, weights)
+        spec = ModelSpec(backbone, list(levels), image_size, list(mean), list(std), weights, aggregation, pool)
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
     train = split_samples(discover(data, categories), "train")
+    new_categories = sorted({sample.category for sample in train})
+    if base is not None and set(new_categories) & set(base.categories):
+        raise OptionError(f"--add-to {add_to}: categories {sorted(set(new_categories) & set(base.categories))} of "
+                          f"{data} are already in the model; --add-to adds new categories (use --categories to pick "
+                          "them), refit the model to change existing ones")
     validation = validate(train, on_bad_image)
     if method.selects_on_validation:
         fit_samples, calibration, selection = _selection_split(method_name, validation.samples, work_dir)
@@ -110,16 +127,34 @@ def fit_model(
     started = time.perf_counter()
     method = distributed_fit(method, context)
     fit_s = time.perf_counter() - started
-    record = FitRecord(fit_s=fit_s, n_fit=len(fit_samples), n_calibration=len(calibration), skipped=validation.skipped)
-    save_artifact(out_dir, method, spec, threshold=None, categories=sorted({sample.category for sample in train}),
-                  fit=record)
+    record = FitRecord(fit_s=fit_s, n_fit=len(fit_samples), n_calibration=len(calibration), skipped=validation.skipped,
+                       extends=base.sha256 if base is not None else None)
+    fitted_categories = new_categories
+    if base is not None:
+        method = ExtendedBank.extending(base.method, base.categories, method, new_categories)
+        fitted_categories = sorted([*base.categories, *new_categories])
+    save_artifact(out_dir, method, spec, threshold=None, categories=fitted_categories, fit=record)
     threshold, per_category = calibrate(out_dir, calibration, resources)
+    if base is not None:
+        threshold, per_category = _extended_thresholds(base.config, threshold, per_category)
     set_thresholds(out_dir, threshold, per_category)
     logger.info("fit %s: done in %.1f s, threshold %s%s, model in %s", method_name, fit_s,
                 "none" if threshold is None else f"{threshold:.4g}",
                 "".join(f", {name} {value:.4g}" for name, value in per_category.items()) if len(per_category) > 1
                 else "", out_dir)
     return FitResult(out_dir, method_name, fit_s, threshold, len(fit_samples), len(calibration), validation.skipped)
+
+
+def _extended_thresholds(
+    base: ArtifactConfig, threshold: float | None, per_category: dict[str, float]
+) -> tuple[float | None, dict[str, float]]:
+    """Thresholds of an extended model: every existing category keeps the one it decided with (its own, else the old
+    global one), the new ones get theirs; the global threshold, for images of no named category, is the higher of
+    the old and the new global ones, since such an image is scored by every part (fewer false alarms, not more)."""
+    kept = {category: base.threshold_for(category) for category in base.categories}
+    merged = {category: value for category, value in kept.items() if value is not None} | per_category
+    candidates = [value for value in (base.threshold, threshold) if value is not None]
+    return (max(candidates) if candidates else None), merged
 
 
 def _selection_split(

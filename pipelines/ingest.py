@@ -182,7 +182,7 @@ class _ScoreActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = batch.pop("pixels")
-        scored = self.scorer(as_tensor(pixels))
+        scored = self.scorer(as_tensor(pixels), [str(category) or None for category in batch["category"]])
         count = len(pixels)
         batch["image_score"] = scored.image_scores.numpy().astype(np.float64)
         batch["anomaly_map"] = scored.anomaly_maps.numpy().astype(np.float32)

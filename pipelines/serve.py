@@ -285,7 +285,8 @@ class AnomalyScorer:
         request: Request,
         heatmap: bool = Query(False, description="add a base64 PNG overlay of the anomaly map"),
         threshold: float | None = Query(None, description="threshold for this request only"),
-        category: str | None = Query(None, description="decide with the threshold calibrated for this category"),
+        category: str | None = Query(None, description="decide with the threshold calibrated for this category (a "
+                                     "model extended with --add-to also scores with the part fitted on it)"),
     ) -> ScoreResponse:
         """Scores one image: raw bytes (image/* or application/octet-stream) or multipart field `image`."""
         started = time.perf_counter()
@@ -293,7 +294,7 @@ class AnomalyScorer:
         data = await self._image_bytes(request)
         loop = asyncio.get_running_loop()
         upload = await loop.run_in_executor(self._decode_pool, self._decode, data, heatmap)
-        scored: _Scored = await self._score_batch(upload.pixels)
+        scored: _Scored = await self._score_batch((upload.pixels, category))
         response = ScoreResponse(
             score=scored.score,
             is_anomalous=is_anomalous(scored.score, threshold),
@@ -334,13 +335,16 @@ class AnomalyScorer:
         return calibrated if self._threshold is None else self._threshold
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, images: list[torch.Tensor]) -> list[_Scored]:
-        """Scores the images of concurrent requests in one backbone pass (batch settings are set per deployment)."""
-        scored = await asyncio.get_running_loop().run_in_executor(self._model_thread, self._scorer, torch.stack(images))
+    async def _score_batch(self, requests: list[tuple[torch.Tensor, str | None]]) -> list[_Scored]:
+        """Scores the images of concurrent requests in one backbone pass (batch settings are set per deployment);
+        each with its request's category, which a model extended with `--add-to` routes on."""
+        images, categories = zip(*requests, strict=True)
+        scored = await asyncio.get_running_loop().run_in_executor(self._model_thread, self._scorer,
+                                                                  torch.stack(images), list(categories))
         patch_map_size = list(scored.patch_scores.shape[1:])
         return [
             _Scored(float(scored.image_scores[row]), scored.anomaly_maps[row].numpy(), patch_map_size)
-            for row in range(len(images))
+            for row in range(len(requests))
         ]
 
     async def _image_bytes(self, request: Request) -> bytes:

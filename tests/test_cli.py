@@ -188,6 +188,51 @@ def test_predict_decides_with_a_categorys_threshold(
     assert code == 2 and "unknown category 'wood': the model was fitted on ['fabric', 'nut']" in err
 
 
+
+def test_add_to_extends_a_model_leaving_the_old_categories_scores_unchanged(
+    cli_model: Path, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, pixels
+) -> None:
+    """`fit --add-to` adds wood to the fabric + nut model as a new part: a new artifact whose old categories score
+    bit for bit as before (evaluate's scores.json) and keep their thresholds, and whose new category gets its own."""
+    extended = tmp_path / "extended"
+    code, _, err = _cli(capsys, "fit", "--add-to", cli_model, "--data", synthetic_root, "--categories", "wood",
+                        "--out", extended)
+    assert code == 0, err
+    old, new = read_config(cli_model), read_config(extended)
+    assert new.categories == ["fabric", "nut", "wood"] and new.method == "patchcore" and new.spec == old.spec
+    assert new.fit.extends == load_artifact(cli_model).sha256 and new.fit.n_fit == 9
+    assert [part["categories"] for part in new.method_info["parts"]] == [CATEGORIES, ["wood"]]
+    assert new.bank_vectors == old.bank_vectors + 9 * 64 // 2  # wood's own half-size coreset
+    assert {name: new.category_thresholds[name] for name in CATEGORIES} == old.category_thresholds
+    assert "wood" in new.category_thresholds and new.threshold >= old.threshold
+    assert read_config(cli_model) == old  # the model extended is left as it was
+
+    scores = {}
+    for name, model in (("old", cli_model), ("new", extended)):
+        code, _, err = _cli(capsys, "evaluate", "--model", model, "--data", synthetic_root, "--out", tmp_path / name,
+                            "--categories", ",".join(CATEGORIES))
+        assert code == 0, err
+        scores[name] = json.loads((tmp_path / name / "scores.json").read_text())
+    assert scores["new"] == scores["old"]
+
+    image = synthetic_root / "wood" / "test" / "good" / "000.png"
+    code, _, err = _cli(capsys, "predict", "--model", extended, "--out", tmp_path / "wood", "--category", "wood", image)
+    assert code == 0, err
+    [entry] = json.loads((tmp_path / "wood" / "predictions.json").read_text())
+    assert entry["threshold"] == new.category_thresholds["wood"]
+    scorer = load_artifact(extended).scorer()
+    by_wood, by_every_part = (float(scorer(pixels([image]), categories).image_scores[0]) for categories in (["wood"],
+                                                                                                           None))
+    assert entry["score"] == pytest.approx(by_wood, rel=1e-5) and by_every_part <= by_wood
+
+    code, _, err = _cli(capsys, "fit", "--add-to", extended, "--data", synthetic_root, "--categories", "nut,wood",
+                        "--out", tmp_path / "again")
+    assert code == 2 and "categories ['nut', 'wood'] of" in err and "are already in the model" in err
+    code, _, err = _cli(capsys, "fit", "--add-to", extended, "--data", synthetic_root, "--method", "sgfr",
+                        "--image-size", "64", "--out", tmp_path / "again")
+    assert code == 2 and "drop ['--method', '--image-size']" in err
+    assert not (tmp_path / "again" / "config.json").exists()
+
 def test_skipped_image_is_listed_in_the_report(
     cli_model: Path, synthetic_root: Path, files, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -101,6 +101,7 @@ def test_health_model_and_openapi(service: Service) -> None:
     assert info["method"] == "patchcore"
     assert info["backbone"] == DEFAULT_BACKBONE
     assert info["image_size"] == service.image_size
+    assert (info["aggregation"], info["pool"]) == ("pool-align", 3)
     assert info["threshold"] == info["calibrated_threshold"] == service.threshold
     assert info["categories"] == ["nut"]
     assert info["sha256"] == service.sha256
@@ -158,6 +159,8 @@ def test_category_threshold(service: Service) -> None:
     assert info["category_thresholds"] == {"nut": 1.5} and info["threshold"] == service.threshold == 1.0
     body = _post_png(service, service.normal[0], "?category=nut").json()
     assert body["threshold"] == 1.5 and body["is_anomalous"] == (body["score"] > 1.5)
+    # a model fitted over its categories at once scores an image alike whatever category the request names
+    assert body["score"] == pytest.approx(_post_png(service, service.normal[0]).json()["score"], rel=1e-6)
     assert _post_png(service, service.normal[0], "?category=nut&threshold=2.5").json()["threshold"] == 2.5
     refused = _post_png(service, service.normal[0], "?category=bolt")
     assert refused.status_code == 422 and refused.json()["error"] == (
