@@ -164,6 +164,15 @@ class BankMethod(AnomalyMethod):
         """Returns the candidate vectors of one batch worth gathering; by default all of them."""
         return vectors
 
+    def score(self, features: list[torch.Tensor]) -> torch.Tensor:
+        batch, _, height, width = features[0].shape
+        return self.score_vectors(self.embed(features)).reshape(batch, height, width).to(features[0].device)
+
+    @abstractmethod
+    def score_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Anomaly scores `(N,)` of patch vectors `(N, D)` (`embed`'s output): `score` without the reshaping, so
+        vectors embedded elsewhere (a fit's calibration images, on the workers) are scored alike."""
+
     @abstractmethod
     def fit_bank(self, vectors: torch.Tensor, total_vectors: int | None = None) -> None:
         """Builds the bank / basis and its index from the gathered candidate vectors `(N, D)`.

@@ -71,12 +71,10 @@ class PatchCore(BankMethod):
             seed=self.options.seed,
         )
 
-    def score(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def score_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         check_fitted(self.name, self.index is not None, "score()")
-        batch, _, height, width = features[0].shape
-        distances, _ = knn.search(self.index, self.embed(features).float().cpu().numpy(), k=1)
-        patch_scores = torch.from_numpy(np.sqrt(np.maximum(distances[:, 0], 0.0)))
-        return patch_scores.reshape(batch, height, width).to(features[0].device)
+        distances, _ = knn.search(self.index, vectors.float().cpu().numpy(), k=1)
+        return torch.from_numpy(np.sqrt(np.maximum(distances[:, 0], 0.0))).to(vectors.device)
 
     def state(self) -> MethodState:
         check_fitted(self.name, self.index is not None, "state()")

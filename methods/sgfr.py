@@ -179,13 +179,11 @@ class SGFR(BankMethod):
                           "search": dataclasses.asdict(choice)}
         self._set_basis(basis, index)
 
-    def score(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def score_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         check_fitted(self.name, self.basis is not None, "score()")
-        batch, _, height, width = features[0].shape
-        targets = self.embed(features).float().to(self.basis.device)
+        targets = vectors.float().to(self.basis.device)
         chunks = zip(targets.split(_SCORE_CHUNK), self._neighbour_ids(targets).split(_SCORE_CHUNK), strict=True)
-        scores = [self._residual_norm(chunk, chunk_ids) for chunk, chunk_ids in chunks]
-        return torch.cat(scores).reshape(batch, height, width).to(features[0].device)
+        return torch.cat([self._residual_norm(chunk, chunk_ids) for chunk, chunk_ids in chunks]).to(vectors.device)
 
     def state(self) -> MethodState:
         check_fitted(self.name, self.basis is not None, "state()")

@@ -2,10 +2,14 @@
 
 Each feature batch is embedded and condensed (`BankMethod.condense`: patchcore's greedy coreset, sgfr's candidate
 sampling) where it was computed, so the driver only ever gathers candidate vectors and calls `fit_bank` once.
+The threshold's calibration images go through the same pass: their patch vectors come back whole and are scored
+once the bank exists (`BankMethod.score_vectors`, then `methods.scoring`'s map and image score), so a fit runs the
+backbone once, with one actor pool, instead of a second Ray Data pass that loads the saved artifact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -13,6 +17,8 @@ import torch
 
 from reconray.methods import create_method
 from reconray.methods.base import BankMethod
+from reconray.methods.errors import DatasetError
+from reconray.methods.scoring import anomaly_map, image_scores
 from reconray.pipelines.console import stage
 from reconray.pipelines.fitting import FitContext, register_distributed_fit
 from reconray.pipelines.ingest import as_tensor, level_tensors
@@ -20,36 +26,76 @@ from reconray.pipelines.ingest import as_tensor, level_tensors
 
 @register_distributed_fit(BankMethod)
 def fit_bank(method: BankMethod, context: FitContext) -> BankMethod:
-    """Condenses every feature batch on the workers, then builds the bank or basis from the gathered candidates."""
-    condensed = context.features().map_batches(
+    """Condenses every feature batch on the workers, then builds the bank or basis from the gathered candidates;
+    scores the calibration images' vectors, gathered in the same pass, into `context.calibration_scores`."""
+    calibration = {sample.image: number for number, sample in enumerate(context.calibration)}
+    everything = dataclasses.replace(context, samples=[*context.samples, *context.calibration])
+    condensed = everything.features().map_batches(
         _condense_batch,
-        fn_kwargs={"method_name": method.name, "options": method.options.model_dump()},
+        fn_kwargs={"method_name": method.name, "options": method.options.model_dump(), "calibration": calibration},
         batch_size=context.resources.batch_size,
         num_cpus=context.resources.decode_cpus,
     )
-    candidates, total_vectors = [], 0
-    with stage(f"fit {method.name}: features + condense", total=len(context.samples)) as advance:
+    candidates, total_vectors, held_out = [], 0, []
+    with stage(f"fit {method.name}: features + condense", total=len(everything.samples)) as advance:
         for batch in condensed.iter_batches(batch_size=None, batch_format="numpy"):
-            candidates.append(as_tensor(batch["vectors"]))
+            kept = batch["calibration"] < 0
+            candidates.append(as_tensor(batch["vectors"][kept]))
             total_vectors += int(batch["patch_count"].sum())
+            if not kept.all():
+                held_out.append({key: value[~kept] for key, value in batch.items()})
             advance(int(batch["image_count"].sum()))
     method.fit_bank(torch.cat(candidates), total_vectors=total_vectors)
+    if context.calibration:
+        context.calibration_scores = _calibration_scores(method, held_out, len(context.calibration),
+                                                         (context.spec.image_size, context.spec.image_size))
     return method
 
 
-def _condense_batch(batch: dict[str, np.ndarray], method_name: str, options: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Embeds one feature batch and keeps its candidate vectors, one row per vector.
+def _calibration_scores(method: BankMethod, held_out: list[dict[str, np.ndarray]], count: int,
+                        image_size: tuple[int, int]) -> np.ndarray:
+    """Image scores of the calibration images from their patch vectors (rows of `held_out`, in row-major grid order
+    per image), through the scoring path's map and image score."""
+    rows = {key: np.concatenate([part[key] for part in held_out]) for key in ("vectors", "calibration", "grid")}
+    scores = np.full(count, np.nan)
+    for number in np.unique(rows["calibration"]):
+        mine = rows["calibration"] == number
+        height, width = rows["grid"][mine][0]
+        patch_scores = method.score_vectors(as_tensor(rows["vectors"][mine])).reshape(1, int(height), int(width))
+        scores[number] = float(image_scores(anomaly_map(patch_scores, image_size))[0])
+    if np.isnan(scores).any():
+        raise DatasetError(f"{int(np.isnan(scores).sum())} calibration images were missing from the fit's feature pass")
+    return scores
 
-    `patch_count` and `image_count` tell the driver how many patches and images the batch had before condensing:
-    the first row carries them, the other rows 0 (Ray Data columns must all have one value per row, and a batch may
-    condense to fewer vectors than it had images).
+
+def _condense_batch(
+    batch: dict[str, np.ndarray], method_name: str, options: dict[str, Any], calibration: dict[str, int]
+) -> dict[str, np.ndarray]:
+    """Embeds one feature batch and keeps its candidate vectors, one row per vector; the vectors of calibration
+    images (numbered in `calibration`) follow whole, marked with their number (-1: a candidate).
+
+    `patch_count` and `image_count` tell the driver how many fit patches and images the batch had before
+    condensing: the first row carries them, the other rows 0 (Ray Data columns must all have one value per row, and
+    a batch may condense to fewer vectors than it had images). `grid` is each calibration vector's image's patch grid.
     """
     torch.set_num_threads(1)
     method = create_method(method_name, **options)
+    numbers = np.array([calibration.get(str(image), -1) for image in batch["image"]])
     features = level_tensors(batch)
-    vectors = method.embed(features)
-    candidates = method.condense(vectors).float().numpy()
-    patch_count = np.zeros(len(candidates), dtype=np.int64)
-    image_count = np.zeros(len(candidates), dtype=np.int64)
-    patch_count[0], image_count[0] = len(vectors), len(features[0])
-    return {"vectors": candidates, "patch_count": patch_count, "image_count": image_count}
+    fit_rows, held_rows = np.flatnonzero(numbers < 0), np.flatnonzero(numbers >= 0)
+    parts, marks = [], []
+    vectors = method.embed([level[fit_rows] for level in features]) if len(fit_rows) else None
+    if vectors is not None:
+        parts.append(method.condense(vectors).float().numpy())
+        marks.append(np.full(len(parts[-1]), -1))
+    grid = np.asarray(features[0].shape[-2:])
+    per_image = int(grid.prod())
+    if len(held_rows):
+        parts.append(method.embed([level[held_rows] for level in features]).float().numpy())
+        marks.append(np.repeat(numbers[held_rows], per_image))
+    marked = np.concatenate(marks)
+    patch_count, image_count = np.zeros(len(marked), dtype=np.int64), np.zeros(len(marked), dtype=np.int64)
+    patch_count[0] = 0 if vectors is None else len(vectors)
+    image_count[0] = len(numbers)
+    return {"vectors": np.concatenate(parts), "calibration": marked, "grid": np.tile(grid, (len(marked), 1)),
+            "patch_count": patch_count, "image_count": image_count}

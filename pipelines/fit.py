@@ -123,6 +123,7 @@ def fit_model(
         training=training or TrainConfig(),
         feature_cache=Path(feature_cache) if feature_cache else None,
         validation=selection,
+        calibration=calibration,
     )
     started = time.perf_counter()
     method = distributed_fit(method, context)
@@ -134,7 +135,7 @@ def fit_model(
         method = ExtendedBank.extending(base.method, base.categories, method, new_categories)
         fitted_categories = sorted([*base.categories, *new_categories])
     save_artifact(out_dir, method, spec, threshold=None, categories=fitted_categories, fit=record)
-    threshold, per_category = calibrate(out_dir, calibration, resources)
+    threshold, per_category = calibrate(out_dir, calibration, resources, context.calibration_scores)
     if base is not None:
         threshold, per_category = _extended_thresholds(base.config, threshold, per_category)
     set_thresholds(out_dir, threshold, per_category)
@@ -171,12 +172,15 @@ def _selection_split(
 
 
 def calibrate(
-    model_dir: Path, calibration: Sequence[Sample], resources: Resources
+    model_dir: Path, calibration: Sequence[Sample], resources: Resources, scores: np.ndarray | None = None
 ) -> tuple[float | None, dict[str, float]]:
-    """Scores the held-out normal images with the saved artifact; returns the global threshold (None without any
-    image) and one threshold per category that held images out."""
+    """The global threshold (None without any held-out image) and one threshold per category that held images out,
+    from the held-out normal images' `scores` when the fit scored them in its own pass, else scored here with the
+    saved artifact."""
     if not calibration:
         return None, {}
+    if scores is not None:
+        return calibrated_threshold(scores), category_thresholds(scores, [sample.category for sample in calibration])
     scores, categories = [], []
     with stage("calibrate threshold", total=len(calibration)) as advance:
         for batch in score_dataset(str(model_dir), calibration, resources).iter_batches(batch_size=None,

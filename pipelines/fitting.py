@@ -95,6 +95,9 @@ class FitContext:
             when a method needs a cache, and streamed features otherwise).
         validation: the painted validation split, for a method that chooses its training state on one
             (`AnomalyMethod.selects_on_validation`); empty otherwise.
+        calibration: the held-out normal images the threshold is calibrated on. A hook may score them in its own
+            feature pass (bank methods do: one pass of the backbone for the whole fit) and put their image scores,
+            in this order, in `calibration_scores`; `fit_model` scores them with the saved artifact otherwise.
     """
 
     samples: list[Sample]
@@ -104,6 +107,8 @@ class FitContext:
     training: TrainConfig = TrainConfig()
     feature_cache: Path | None = None
     validation: list[Sample] = dataclasses.field(default_factory=list)
+    calibration: list[Sample] = dataclasses.field(default_factory=list)
+    calibration_scores: np.ndarray | None = None
 
     def features(self) -> ray.data.Dataset:
         """Backbone features of the samples: from the shared cache when there is one, else streamed once."""

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from reconray.methods.artifact import ModelSpec, load_artifact
+from reconray.methods.scoring import calibrated_threshold
 from reconray.pipelines import ingest
-from reconray.pipelines.datasets import Sample, discover, load_mask
+from reconray.pipelines.datasets import Sample, discover, load_mask, split_samples
 from reconray.pipelines.fit import fit_model
 from reconray.pipelines.ingest import (
     Resources,
@@ -25,6 +26,7 @@ from reconray.pipelines.ingest import (
     sample_rows,
     score_dataset,
 )
+from reconray.pipelines.validation import calibration_split
 
 
 def _nut_samples(synthetic_root: Path) -> list[Sample]:
@@ -134,9 +136,10 @@ def test_score_actors_match_the_in_process_scorer(
 
 
 def test_bank_fits_sharing_a_feature_cache_extract_once_and_build_the_same_bank(
-    ray_session, synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ray_session, synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, pixels
 ) -> None:
-    """`reconray run` fits every method from one feature cache: the bank must equal the one fitted from the backbone."""
+    """`reconray run` fits every method from one feature cache: the bank must equal the one fitted from the backbone.
+    The calibration images ride along in the fit's feature pass: the thresholds are what the saved artifact gives."""
     caplog.set_level("INFO", logger="reconray")
     options = {"coreset_ratio": 1.0}
     direct = fit_model(synthetic_root, "patchcore", tmp_path / "direct", categories=["nut"], image_size=64,
@@ -153,3 +156,10 @@ def test_bank_fits_sharing_a_feature_cache_extract_once_and_build_the_same_bank(
     vectors = [np.sort(index.reconstruct_n(0, index.ntotal), axis=0) for index in banks]
     np.testing.assert_allclose(vectors[0], vectors[1], rtol=1e-5, atol=1e-5)
     assert load_artifact(second.model_dir).method.bank_stats()[0] == math.ceil(0.5 * vectors[0].shape[0])
+    assert "calibrate threshold" not in log  # no second Ray Data pass
+    (_, calibration) = calibration_split(split_samples(discover(synthetic_root, ["nut"]), "train"))
+    for result in (direct, first, second):
+        artifact = load_artifact(result.model_dir)
+        scores = artifact.scorer()(pixels([sample.image for sample in calibration])).image_scores.numpy()
+        assert artifact.threshold == pytest.approx(calibrated_threshold(scores), rel=1e-5)
+        assert artifact.config.category_thresholds["nut"] == pytest.approx(artifact.threshold, rel=1e-12)
