@@ -193,7 +193,7 @@ def main() -> None:
         for name in args.datasets:
             rows += run_dataset(name, args, variants)
             (args.out / "results.json").write_text(json.dumps(rows, indent=1))  # kept as each dataset finishes
-        print(table(rows))  # noqa: T201  (the result table is this script's output)
+    print(table(rows))  # noqa: T201  (the result table is this script's output; the session sends stdout to the log)
 
 
 if __name__ == "__main__":

@@ -93,9 +93,8 @@ class ExtendedBank(AnomalyMethod):
         )
 
     @classmethod
-    def from_state(cls, state: MethodState, method_class: type[BankMethod] | None = None) -> ExtendedBank:
-        if method_class is None:
-            raise ValueError("ExtendedBank.from_state needs the parts' method class")
+    def from_state(cls, state: MethodState, method_class: type[BankMethod]) -> ExtendedBank:  # type: ignore[override]
+        """The parts are instances of `method_class`; the artifact's config names it."""
         parts = []
         for number, part in enumerate(state.info["parts"]):
             prefix = f"part{number}."

@@ -13,7 +13,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+import logging
+import math
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +27,8 @@ from reconray.methods.base import BankMethod, MethodOptions, MethodState, regist
 from reconray.methods.coreset import greedy_coreset
 from reconray.methods.errors import check_fitted
 
+logger = logging.getLogger(__name__)
+
 
 @register_method
 class PatchCore(BankMethod):
@@ -33,6 +38,11 @@ class PatchCore(BankMethod):
         coreset_ratio: fraction of patches kept by greedy coreset selection; 1.0 keeps the full bank.
         index: FAISS index kind, "auto" (exact flat search, IVF from `knn.IVF_MIN_VECTORS` vectors), "flat" or "ivf".
         nlist, nprobe: IVF cells (0 = sqrt of the bank size) and cells visited per query.
+        recall_target: with a value > 0, a bank large enough for IVF (`knn.IVF_MIN_VECTORS`) gets the cheapest
+            search (index kind and nprobe, where not pinned with `--set`) whose recall@1 against exact search, on
+            bank vectors left out of their own results, reaches it. A missed nearest neighbour only raises a
+            nominal patch's distance to its runner-up's, so 0.95 costs little score; smaller banks are searched
+            exactly. The choice and its measured recall are stored in the artifact (`method_info.search`).
         seed: seed of the coreset start and the IVF k-means, so fits are reproducible.
     """
 
@@ -41,6 +51,7 @@ class PatchCore(BankMethod):
         index: Literal["auto", "flat", "ivf"] = "auto"
         nlist: int = Field(0, ge=0)
         nprobe: int = Field(16, ge=1)
+        recall_target: float = Field(0.95, ge=0.0, le=1.0)
         seed: int = 0
 
     name = "patchcore"
@@ -48,6 +59,7 @@ class PatchCore(BankMethod):
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
         self.index = None
+        self._search: dict[str, Any] = {}
 
     def condense(self, vectors: torch.Tensor) -> torch.Tensor:
         """Greedy coreset of one batch (when `coreset_ratio` < 1), run where the batch's features are computed.
@@ -63,13 +75,18 @@ class PatchCore(BankMethod):
         return vectors[greedy_coreset(vectors, keep, seed=self.options.seed)]
 
     def fit_bank(self, vectors: torch.Tensor, total_vectors: int | None = None) -> None:
-        self.index = knn.build_index(
-            vectors.float().cpu().numpy(),
-            kind=self.options.index,
-            nlist=self.options.nlist or None,
-            nprobe=self.options.nprobe,
-            seed=self.options.seed,
+        bank = np.ascontiguousarray(vectors.float().cpu().numpy())
+        query_ids = np.random.default_rng(self.options.seed).choice(
+            len(bank), min(len(bank), knn.RECALL_QUERIES), replace=False)
+        self.index, choice = knn.choose_search(
+            bank, bank[query_ids], 1, self.options.recall_target, **self._search_settings(len(bank)),
+            query_ids=query_ids, seed=self.options.seed,
         )
+        if self.options.recall_target > 0:  # the options say what was chosen, so the artifact reads as one setting
+            self.options = self.options.model_copy(update={"index": choice.kind,
+                                                           "nprobe": choice.nprobe or self.options.nprobe})
+        logger.info("patchcore: bank of %d vectors, search %s", len(bank), choice.describe())
+        self._search = dataclasses.asdict(choice)
 
     def score_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         check_fitted(self.name, self.index is not None, "score()")
@@ -78,15 +95,31 @@ class PatchCore(BankMethod):
 
     def state(self) -> MethodState:
         check_fitted(self.name, self.index is not None, "state()")
-        return MethodState(options=self.options.model_dump(), indexes={"bank": knn.to_cpu(self.index)})
+        return MethodState(options=self.options.model_dump(), indexes={"bank": knn.to_cpu(self.index)},
+                           info={"search": self._search} if self._search else {})
 
     @classmethod
     def from_state(cls, state: MethodState) -> PatchCore:
         method = cls(**state.options)
         method.index = knn.to_device(state.indexes["bank"])
+        method._search = dict(state.info.get("search", {}))
         return method
 
     def bank_stats(self) -> tuple[int | None, int | None]:
         if self.index is None:
             return None, None
         return int(self.index.ntotal), knn.index_bytes(self.index)
+
+    def _search_settings(self, bank_size: int) -> dict[str, Any]:
+        """The searches `knn.choose_search` may pick from: the configured one while `recall_target` is 0 (its recall
+        is then measured), else, for an "auto" index, exact search below `knn.IVF_MIN_VECTORS` vectors and from
+        there an IVF nprobe ladder (unless nprobe is pinned) with exact search as its safe end."""
+        options, choose = self.options, self.options.recall_target > 0
+        ivf = bank_size >= knn.IVF_MIN_VECTORS
+        if options.index != "auto":
+            kinds = [options.index]
+        else:
+            kinds = ["flat", "ivf"] if choose and ivf else ["ivf" if ivf else "flat"]
+        pinned = "nprobe" in options.model_fields_set or not choose
+        return {"kinds": kinds, "dims": [0], "nprobes": [options.nprobe] if pinned else knn.NPROBE_LADDER,
+                "nlist": options.nlist or round(math.sqrt(bank_size))}

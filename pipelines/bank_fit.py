@@ -57,12 +57,14 @@ def _calibration_scores(method: BankMethod, held_out: list[dict[str, np.ndarray]
     """Image scores of the calibration images from their patch vectors (rows of `held_out`, in row-major grid order
     per image), through the scoring path's map and image score."""
     rows = {key: np.concatenate([part[key] for part in held_out]) for key in ("vectors", "calibration", "grid")}
+    order = np.argsort(rows["calibration"], kind="stable")  # each image's vectors together, in grid order
+    patch_scores = method.score_vectors(as_tensor(rows["vectors"][order]))
     scores = np.full(count, np.nan)
-    for number in np.unique(rows["calibration"]):
-        mine = rows["calibration"] == number
-        height, width = rows["grid"][mine][0]
-        patch_scores = method.score_vectors(as_tensor(rows["vectors"][mine])).reshape(1, int(height), int(width))
-        scores[number] = float(image_scores(anomaly_map(patch_scores, image_size))[0])
+    numbers, starts = np.unique(rows["calibration"][order], return_index=True)
+    for number, start in zip(numbers, starts, strict=True):
+        height, width = (int(side) for side in rows["grid"][order[start]])
+        patches = patch_scores[start:start + height * width].reshape(1, height, width)
+        scores[number] = float(image_scores(anomaly_map(patches, image_size))[0])
     if np.isnan(scores).any():
         raise DatasetError(f"{int(np.isnan(scores).sum())} calibration images were missing from the fit's feature pass")
     return scores

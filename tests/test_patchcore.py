@@ -66,6 +66,43 @@ def test_auto_index_switches_to_ivf_for_large_banks(monkeypatch: pytest.MonkeyPa
     assert isinstance(knn.to_cpu(_fitted(train).index), faiss.IndexIVFFlat)
 
 
+def test_large_bank_search_is_the_cheapest_reaching_the_recall_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hard data (uniform in 16 dims, no clusters for IVF to exploit): the nprobe chosen is the first of the ladder
+    whose leave-one-out recall@1 reaches the target, measured again here from scratch."""
+    monkeypatch.setattr(knn, "IVF_MIN_VECTORS", 1000)
+    bank = torch.from_numpy(np.random.default_rng(1).random((4096, 16), dtype=np.float32))
+    method = _fitted(bank, recall_target=0.9)
+    search = method.state().info["search"]
+    assert (search["kind"], search["nlist"], search["k"]) == ("ivf", 64, 1) and search["recall"] >= 0.9
+    assert (method.options.index, method.options.nprobe) == ("ivf", search["nprobe"])
+    vectors = bank.numpy()
+    ids = np.random.default_rng(0).choice(len(vectors), knn.RECALL_QUERIES, replace=False)
+    exact = knn.exact_neighbours(vectors, vectors[ids], 1, ids)
+    index = knn.to_cpu(method.index)
+    recalls = {}
+    for probe in knn.NPROBE_LADDER:
+        index.nprobe = probe
+        recalls[probe] = knn.recall_at_k(index, vectors[ids], exact, ids)
+    assert search["nprobe"] == min(probe for probe, recall in recalls.items() if recall >= 0.9)
+    assert recalls[search["nprobe"]] == pytest.approx(search["recall"])
+    assert search["nprobe"] > 1, "the test data should need more than one cell"
+    restored = PatchCore.from_state(method.state())
+    assert restored.state().info["search"] == search
+    queries = _as_features(bank[:64], 4, 4, 4)
+    torch.testing.assert_close(restored.score(queries), method.score(queries))
+
+
+def test_pinned_or_disabled_recall_search_keeps_the_configured_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(knn, "IVF_MIN_VECTORS", 1000)
+    bank = torch.from_numpy(np.random.default_rng(1).random((4096, 16), dtype=np.float32))
+    pinned = _fitted(bank, index="ivf", nprobe=1).state().info["search"]
+    assert (pinned["kind"], pinned["nprobe"]) == ("ivf", 1) and pinned["recall"] < 0.95  # measured, below target
+    measured = _fitted(bank, recall_target=0.0).state().info["search"]
+    assert (measured["kind"], measured["nprobe"]) == ("ivf", 16) and 0 < measured["recall"] <= 1
+    small = _fitted(bank[:512]).state().info["search"]
+    assert (small["kind"], small["recall"]) == ("flat", 1.0)
+
+
 def test_greedy_coreset_is_k_center_selection() -> None:
     points = torch.from_numpy(np.random.default_rng(3).random((300, 2), dtype=np.float32))
     selected = greedy_coreset(points, 12, seed=5)
