@@ -57,7 +57,7 @@ def write_union_csv(sources: list[Path], path: Path) -> list[str]:
     return sorted({sample.category for sample in samples})
 
 
-def _timed_fit_evaluate(data: Path, method: str, folder: Path, **fit_kwargs: Any) -> dict[str, Any]:
+def timed_fit_evaluate(data: Path, method: str, folder: Path, **fit_kwargs: Any) -> dict[str, Any]:
     """Fits and evaluates one model; returns its metrics plus the fit and total wall seconds."""
     started = time.perf_counter()
     fitted = fit_model(data, method, folder / "model", **fit_kwargs)
@@ -100,13 +100,13 @@ def run(args: argparse.Namespace) -> None:
     training = TrainConfig(cpus_per_worker=args.cpus_per_worker)
     summary: dict[str, Any] = {"rlr_options": rlr_options, "rlr_training": training.model_dump(),
                                "mtd_coreset": args.mtd_coreset}
-    summary["rlr"] = _timed_fit_evaluate(union, "rlr", out / "rlr", options=rlr_options, training=training)
+    summary["rlr"] = timed_fit_evaluate(union, "rlr", out / "rlr", options=rlr_options, training=training)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     summary["patchcore"] = {}
     # MTD last: its patchcore is by far the slowest part, so the synthetic results land first.
     for category in sorted(categories, key=lambda name: name in mtd_categories):
         options = {"coreset_ratio": args.mtd_coreset} if category in mtd_categories else {}
-        summary["patchcore"][category] = _timed_fit_evaluate(
+        summary["patchcore"][category] = timed_fit_evaluate(
             union, "patchcore", out / "patchcore" / category, categories=[category], options=options
         )
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
