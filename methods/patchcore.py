@@ -78,11 +78,11 @@ class PatchCore(BankMethod):
         bank = np.ascontiguousarray(vectors.float().cpu().numpy())
         query_ids = np.random.default_rng(self.options.seed).choice(
             len(bank), min(len(bank), knn.RECALL_QUERIES), replace=False)
-        self.index, choice = knn.choose_search(
-            bank, bank[query_ids], 1, self.options.recall_target, **self._search_settings(len(bank)),
-            query_ids=query_ids, seed=self.options.seed,
-        )
-        if self.options.recall_target > 0:  # the options say what was chosen, so the artifact reads as one setting
+        settings = self._search_settings(len(bank))
+        self.index, choice = knn.choose_search(bank, bank[query_ids], 1, self.options.recall_target, **settings,
+                                               query_ids=query_ids, seed=self.options.seed)
+        kinds, nprobes = settings["kinds"], settings["nprobes"]
+        if len(kinds) > 1 or ("ivf" in kinds and len(nprobes) > 1):  # chosen: the options say what, as one setting
             self.options = self.options.model_copy(update={"index": choice.kind,
                                                            "nprobe": choice.nprobe or self.options.nprobe})
         logger.info("patchcore: bank of %d vectors, search %s", len(bank), choice.describe())

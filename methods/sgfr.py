@@ -21,7 +21,7 @@ The self-expressive model and the use of code usage to pick representatives come
 https://arxiv.org/abs/1203.1005); the elastic-net solver is FISTA (Beck & Teboulle, SIAM J. Imaging Sci. 2009).
 
 Example:
-    >>> method = create_method("sgfr", basis_ratio=0.1, k=8)
+    >>> method = create_method("sgfr", basis_ratio=0.2, k=8)
     >>> method.fit(feature_batches)
     >>> patch_scores = method.score(features)   # (B, h, w) residual norms
 """
@@ -106,7 +106,7 @@ class SGFR(BankMethod):
     """
 
     class Options(MethodOptions):
-        basis_ratio: float = Field(0.1, gt=0.0, le=1.0)
+        basis_ratio: float = Field(0.2, gt=0.0, le=1.0)
         max_basis: int = Field(0, ge=0)
         sampling: Literal["sparse", "coreset", "random"] = "sparse"
         candidate_factor: float = Field(2.0, ge=1.0)
