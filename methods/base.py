@@ -181,10 +181,16 @@ class BankMethod(AnomalyMethod):
         size ratios refer to the whole training set wherever the candidates were condensed.
         """
 
-    def fit(self, feature_batches: Iterable[list[torch.Tensor]]) -> None:
+    def fit(self, feature_batches: Iterable[list[torch.Tensor]],
+            patch_masks: Iterable[torch.Tensor] | None = None) -> None:
+        """`AnomalyMethod.fit`; `patch_masks` (one `(B, h, w)` bool per batch) keep only the patches of each image's
+        own region of a padded canvas (`methods.scoring.content_mask`)."""
         candidates, total_vectors = [], 0
+        masks = None if patch_masks is None else iter(patch_masks)
         for features in feature_batches:
             vectors = self.embed(features)
+            if masks is not None:
+                vectors = vectors[next(masks).reshape(-1).to(vectors.device)]
             total_vectors += len(vectors)
             candidates.append(self.condense(vectors))
         if not candidates:

@@ -92,15 +92,19 @@ def _average_precision(tps: np.ndarray, fps: np.ndarray) -> float | None:
     return float(np.dot(recall_steps, precision) / tps[-1])
 
 
-def _aupro(ranking: _Ranking, masks: np.ndarray, fps: np.ndarray, fpr_limit: float) -> float | None:
+def _regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """The defect regions of `(N, H, W)` masks: a label per pixel (0: normal) and their count."""
+    return ndimage.label(masks, structure=_REGION_STRUCTURE)
+
+
+def _aupro(ranking: _Ranking, regions: np.ndarray, n_regions: int, fps: np.ndarray, fpr_limit: float) -> float | None:
     """Area under the PRO-vs-FPR curve up to `fpr_limit`, divided by `fpr_limit`.
 
     Each defect pixel carries weight 1 / (region size * number of regions), so the running sum of weights along the
-    ranking is the PRO at every threshold without a per-region loop. `fps` are the ranking's false-positive counts
-    for `masks`, passed in because the caller has them already.
+    ranking is the PRO at every threshold without a per-region loop. `regions` labels the ranked pixels (`_regions`,
+    in the ranking's layout); `fps` are the ranking's false-positive counts, passed in because the caller has them.
     """
-    regions, n_regions = ndimage.label(masks, structure=_REGION_STRUCTURE)
-    n_normal = masks.size - int(np.count_nonzero(masks))
+    n_normal = regions.size - int(np.count_nonzero(regions))
     if n_regions == 0 or n_normal == 0:
         return None
     region_weight = 1.0 / (np.bincount(regions.ravel()).astype(np.float64) * n_regions)
@@ -222,7 +226,7 @@ def aupro(masks: np.ndarray, anomaly_maps: np.ndarray, fpr_limit: float = _AUPRO
     _check_fpr_limit(fpr_limit)
     ranking = _Ranking(anomaly_maps)
     _, fps = ranking.counts(masks)
-    return _aupro(ranking, masks, fps, fpr_limit)
+    return _aupro(ranking, *_regions(masks), fps, fpr_limit)
 
 
 def compute_metrics(
@@ -230,6 +234,7 @@ def compute_metrics(
     image_scores: np.ndarray,
     masks: np.ndarray | None,
     anomaly_maps: np.ndarray | None,
+    inside: np.ndarray | None = None,
 ) -> dict:
     """Every metric of one category, ranking the pixels only once for the three pixel metrics.
 
@@ -239,6 +244,8 @@ def compute_metrics(
         masks: (N, H, W) ground truth (nonzero = defect), or None for datasets with image labels only, which makes
             every pixel metric None.
         anomaly_maps: (N, H, W) pixel scores; needed whenever masks are given.
+        inside: (N, H, W) bool, the pixels that belong to the images (False on a padded canvas's padding, which no
+            pixel metric counts); None: every pixel.
 
     Returns:
         A dict with every name in `METRIC_NAMES` (float or None) plus `n_images` and `n_anomalous`.
@@ -260,11 +267,17 @@ def compute_metrics(
     masks, anomaly_maps = _check_pixel_inputs(masks, anomaly_maps)
     if masks.shape[0] != labels.size:
         raise ValueError(f"masks hold {masks.shape[0]} images but labels hold {labels.size}")
+    regions, n_regions = _regions(masks)
+    if inside is not None:
+        inside = np.asarray(inside, dtype=bool)
+        if inside.shape != masks.shape:
+            raise ValueError(f"inside must have the masks' shape {masks.shape}, got {inside.shape}")
+        masks, anomaly_maps, regions = masks[inside], anomaly_maps[inside], regions[inside]
     ranking = _Ranking(anomaly_maps)
     pixel_tps, pixel_fps = ranking.counts(masks)
     metrics["pixel_auroc"] = _auroc(pixel_tps, pixel_fps)
     metrics["pixel_ap"] = _average_precision(pixel_tps, pixel_fps)
-    metrics["aupro"] = _aupro(ranking, masks, pixel_fps, _AUPRO_FPR_LIMIT)
+    metrics["aupro"] = _aupro(ranking, regions, n_regions, pixel_fps, _AUPRO_FPR_LIMIT)
     return metrics
 
 

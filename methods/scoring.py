@@ -2,7 +2,9 @@
 
 Evaluate, predict, serve and tune all call `Scorer`, so a given image gets the same score wherever it is scored.
 Post-processing follows PatchCore/RLR practice: patch scores are upsampled bilinearly to the image size and smoothed
-with a Gaussian of sigma 4 pixels; the image score is the maximum of the smoothed map.
+with a Gaussian of sigma 4 pixels; the image score is the maximum of the smoothed map. An image placed on a padded
+canvas (`ModelSpec.resize = "keep-aspect"`) has a `content` size, `(height, width)` from the top-left corner: its
+score and metrics only read the map there.
 """
 
 from __future__ import annotations
@@ -40,9 +42,24 @@ def anomaly_map(patch_scores: torch.Tensor, image_size: tuple[int, int], sigma: 
     return rows @ patch_scores.float() @ cols.T
 
 
-def image_scores(anomaly_maps: torch.Tensor) -> torch.Tensor:
-    """Image score = the maximum of its anomaly map: one defect anywhere makes the image anomalous."""
+def image_scores(anomaly_maps: torch.Tensor, content: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+    """Image score = the maximum of its anomaly map (over its `content` region, `(B, 2)`, when given): one defect
+    anywhere makes the image anomalous."""
+    if content is not None:
+        anomaly_maps = anomaly_maps.masked_fill(
+            ~content_mask(content, anomaly_maps.shape[-2:]).to(anomaly_maps.device), -torch.inf)
     return anomaly_maps.flatten(1).amax(dim=1)
+
+
+def content_mask(content: torch.Tensor | np.ndarray, grid: Sequence[int], canvas: int | None = None) -> torch.Tensor:
+    """`(B, h, w)` bool: the cells of an `h` x `w` grid over the square canvas whose centre lies inside each image's
+    `content` `(B, 2)` (height, width in canvas pixels, from the top-left; `canvas` the canvas side, by default the
+    grid's own: a pixel map)."""
+    content = torch.as_tensor(np.asarray(content), dtype=torch.float64)
+    height, width = int(grid[0]), int(grid[1])
+    rows = (torch.arange(height, dtype=torch.float64) + 0.5) * ((canvas or height) / height)
+    cols = (torch.arange(width, dtype=torch.float64) + 0.5) * ((canvas or width) / width)
+    return (rows[None, :, None] < content[:, 0, None, None]) & (cols[None, None, :] < content[:, 1, None, None])
 
 
 @functools.lru_cache(maxsize=32)
@@ -85,13 +102,16 @@ class Scorer:
         self.method = method.to(self.device)
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor, categories: Sequence[str | None] | None = None) -> ScoredBatch:
-        """Scores `images` `(B, 3, H, W)`, normalized as the backbone expects, of `categories` where known."""
+    def __call__(self, images: torch.Tensor, categories: Sequence[str | None] | None = None,
+                 content: torch.Tensor | np.ndarray | None = None) -> ScoredBatch:
+        """Scores `images` `(B, 3, H, W)`, normalized as the backbone expects, of `categories` where known, each
+        image's score read over its `content` region `(B, 2)` where it was padded."""
         started = time.perf_counter()
         features = self.extractor(images.to(self.device))
         synchronize(self.device)
         extracted = time.perf_counter()
-        scores, maps, patch_scores = score_features(self.method, features, tuple(images.shape[-2:]), categories)
+        scores, maps, patch_scores = score_features(self.method, features, tuple(images.shape[-2:]), categories,
+                                                    content)
         synchronize(self.device)
         finished = time.perf_counter()
         return ScoredBatch(scores.cpu(), maps.cpu(), patch_scores.cpu(), extracted - started, finished - extracted)
@@ -100,14 +120,15 @@ class Scorer:
 @torch.inference_mode()
 def score_features(
     method: AnomalyMethod, features: list[torch.Tensor], image_size: tuple[int, int],
-    categories: Sequence[str | None] | None = None,
+    categories: Sequence[str | None] | None = None, content: torch.Tensor | np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image scores `(B,)`, anomaly maps `(B, H, W)` and patch scores of already extracted features: the part of the
     scoring path after the backbone, shared by `Scorer` and by sweeps that score cached features. `categories`
-    (one per image, None where unknown) route an extended model's images to the part fitted on their category."""
+    (one per image, None where unknown) route an extended model's images to the part fitted on their category;
+    `content` (one `(height, width)` per image, None: the whole canvas) bounds where the image score is read."""
     patch_scores = method.score(features) if categories is None else method.score_categories(features, categories)
     maps = anomaly_map(patch_scores, image_size)
-    return image_scores(maps), maps, patch_scores
+    return image_scores(maps, content), maps, patch_scores
 
 
 def is_anomalous(score: float, threshold: float | None) -> bool | None:

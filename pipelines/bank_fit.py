@@ -2,9 +2,11 @@
 
 Each feature batch is embedded and condensed (`BankMethod.condense`: patchcore's greedy coreset, sgfr's candidate
 sampling) where it was computed, so the driver only ever gathers candidate vectors and calls `fit_bank` once.
-The threshold's calibration images go through the same pass: their patch vectors come back whole and are scored
-once the bank exists (`BankMethod.score_vectors`, then `methods.scoring`'s map and image score), so a fit runs the
-backbone once, with one actor pool, instead of a second Ray Data pass that loads the saved artifact.
+Patches of a padded canvas's padding (`ModelSpec.resize = "keep-aspect"`) are dropped before condensing: they are
+not part of any image. The threshold's calibration images go through the same pass: their patch vectors come back
+whole and are scored once the bank exists (`BankMethod.score_vectors`, then `methods.scoring`'s map and image
+score), so a fit runs the backbone once, with one actor pool, instead of a second Ray Data pass that loads the saved
+artifact.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from reconray.methods import create_method
 from reconray.methods.base import BankMethod
 from reconray.methods.errors import DatasetError
-from reconray.methods.scoring import anomaly_map, image_scores
+from reconray.methods.scoring import anomaly_map, content_mask, image_scores
 from reconray.pipelines.console import stage
 from reconray.pipelines.fitting import FitContext, register_distributed_fit
 from reconray.pipelines.ingest import as_tensor, level_tensors
@@ -32,7 +34,8 @@ def fit_bank(method: BankMethod, context: FitContext) -> BankMethod:
     everything = dataclasses.replace(context, samples=[*context.samples, *context.calibration])
     condensed = everything.features().map_batches(
         _condense_batch,
-        fn_kwargs={"method_name": method.name, "options": method.options.model_dump(), "calibration": calibration},
+        fn_kwargs={"method_name": method.name, "options": method.options.model_dump(), "calibration": calibration,
+                   "canvas": context.spec.image_size},
         batch_size=context.resources.batch_size,
         num_cpus=context.resources.decode_cpus,
     )
@@ -56,7 +59,8 @@ def _calibration_scores(method: BankMethod, held_out: list[dict[str, np.ndarray]
                         image_size: tuple[int, int]) -> np.ndarray:
     """Image scores of the calibration images from their patch vectors (rows of `held_out`, in row-major grid order
     per image), through the scoring path's map and image score."""
-    rows = {key: np.concatenate([part[key] for part in held_out]) for key in ("vectors", "calibration", "grid")}
+    rows = {key: np.concatenate([part[key] for part in held_out]) for key in ("vectors", "calibration", "grid",
+                                                                            "content")}
     order = np.argsort(rows["calibration"], kind="stable")  # each image's vectors together, in grid order
     patch_scores = method.score_vectors(as_tensor(rows["vectors"][order]))
     scores = np.full(count, np.nan)
@@ -64,21 +68,23 @@ def _calibration_scores(method: BankMethod, held_out: list[dict[str, np.ndarray]
     for number, start in zip(numbers, starts, strict=True):
         height, width = (int(side) for side in rows["grid"][order[start]])
         patches = patch_scores[start:start + height * width].reshape(1, height, width)
-        scores[number] = float(image_scores(anomaly_map(patches, image_size))[0])
+        content = rows["content"][order[start]][None]
+        scores[number] = float(image_scores(anomaly_map(patches, image_size), content)[0])
     if np.isnan(scores).any():
         raise DatasetError(f"{int(np.isnan(scores).sum())} calibration images were missing from the fit's feature pass")
     return scores
 
 
 def _condense_batch(
-    batch: dict[str, np.ndarray], method_name: str, options: dict[str, Any], calibration: dict[str, int]
+    batch: dict[str, np.ndarray], method_name: str, options: dict[str, Any], calibration: dict[str, int], canvas: int
 ) -> dict[str, np.ndarray]:
     """Embeds one feature batch and keeps its candidate vectors, one row per vector; the vectors of calibration
     images (numbered in `calibration`) follow whole, marked with their number (-1: a candidate).
 
     `patch_count` and `image_count` tell the driver how many fit patches and images the batch had before
     condensing: the first row carries them, the other rows 0 (Ray Data columns must all have one value per row, and
-    a batch may condense to fewer vectors than it had images). `grid` is each calibration vector's image's patch grid.
+    a batch may condense to fewer vectors than it had images). `grid` is each calibration vector's image's patch grid
+    and `content` its image's size on the `canvas`-pixel square.
     """
     torch.set_num_threads(1)
     method = create_method(method_name, **options)
@@ -86,11 +92,12 @@ def _condense_batch(
     features = level_tensors(batch)
     fit_rows, held_rows = np.flatnonzero(numbers < 0), np.flatnonzero(numbers >= 0)
     parts, marks = [], []
+    grid = np.asarray(features[0].shape[-2:])
     vectors = method.embed([level[fit_rows] for level in features]) if len(fit_rows) else None
     if vectors is not None:
+        vectors = vectors[content_mask(batch["content"][fit_rows], grid, canvas).reshape(-1).to(vectors.device)]
         parts.append(method.condense(vectors).float().numpy())
         marks.append(np.full(len(parts[-1]), -1))
-    grid = np.asarray(features[0].shape[-2:])
     per_image = int(grid.prod())
     if len(held_rows):
         parts.append(method.embed([level[held_rows] for level in features]).float().numpy())
@@ -99,5 +106,8 @@ def _condense_batch(
     patch_count, image_count = np.zeros(len(marked), dtype=np.int64), np.zeros(len(marked), dtype=np.int64)
     patch_count[0] = 0 if vectors is None else len(vectors)
     image_count[0] = len(numbers)
+    content = np.zeros((len(marked), 2), dtype=np.int32)
+    if len(held_rows):
+        content[len(marked) - len(held_rows) * per_image:] = np.repeat(batch["content"][held_rows], per_image, axis=0)
     return {"vectors": np.concatenate(parts), "calibration": marked, "grid": np.tile(grid, (len(marked), 1)),
-            "patch_count": patch_count, "image_count": image_count}
+            "content": content, "patch_count": patch_count, "image_count": image_count}

@@ -23,6 +23,8 @@ from reconray.methods.backbone import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_LEVELS,
     DEFAULT_POOL,
+    DEFAULT_RESIZE,
+    RESIZES,
 )
 from reconray.methods.errors import OptionError, ReconrayError
 from reconray.pipelines.console import console_session, table
@@ -169,6 +171,10 @@ def _feature_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregation", choices=AGGREGATIONS,
                         help=f"local averaging before or after aligning the levels (default {DEFAULT_AGGREGATION})")
     parser.add_argument("--pool", type=int, help=f"side of the local average window, odd (default {DEFAULT_POOL})")
+    parser.add_argument("--resize", choices=RESIZES,
+                        help=f"squash images to the square, or keep their aspect and pad (default {DEFAULT_RESIZE})")
+    parser.add_argument("--tile", type=int,
+                        help="run the backbone on overlapping square tiles of this side, stitched (default: none)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,7 +229,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         fit_model(
             args.data, setting["method"], args.out, categories=_categories(args.categories), backbone=args.backbone,
             levels=setting["levels"], image_size=setting["image_size"], aggregation=setting["aggregation"],
-            pool=setting["pool"], weights=args.weights,
+            pool=setting["pool"], resize=setting["resize"], tile=setting["tile"], weights=args.weights,
             options=setting["options"], training=training, work_dir=args.work_dir, on_bad_image=args.on_bad_image,
             add_to=args.add_to,
         )
@@ -240,7 +246,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             trial_gpus=args.trial_gpus,
             categories=_categories(args.categories), backbone=args.backbone, levels=args.levels or DEFAULT_LEVELS,
             image_size=args.image_size or DEFAULT_IMAGE_SIZE, aggregation=args.aggregation or DEFAULT_AGGREGATION,
-            pool=DEFAULT_POOL if args.pool is None else args.pool,
+            pool=DEFAULT_POOL if args.pool is None else args.pool, resize=args.resize or DEFAULT_RESIZE, tile=args.tile,
         )
         logger.info("best %s %.4f with %s: %s, %s", args.objective, summary.best_objective, summary.best_options,
                     args.out / "best.yaml", args.out / "best")
@@ -299,6 +305,8 @@ def _fit_setting(args: argparse.Namespace) -> dict[str, object]:
         "image_size": args.image_size or config.get("image_size") or DEFAULT_IMAGE_SIZE,
         "aggregation": args.aggregation or config.get("aggregation") or DEFAULT_AGGREGATION,
         "pool": args.pool if args.pool is not None else config.get("pool", DEFAULT_POOL),
+        "resize": args.resize or config.get("resize") or DEFAULT_RESIZE,
+        "tile": args.tile if args.tile is not None else config.get("tile"),
     }
 
 
@@ -307,13 +315,13 @@ def _extension_setting(args: argparse.Namespace) -> dict[str, object]:
     rather than silently ignored."""
     given = {"--method": args.method, "--config": args.config, "--set": args.options or None,
              "--levels": args.levels, "--image-size": args.image_size, "--aggregation": args.aggregation,
-             "--pool": args.pool, "--weights": args.weights,
+             "--pool": args.pool, "--resize": args.resize, "--tile": args.tile, "--weights": args.weights,
              "--backbone": args.backbone if args.backbone != DEFAULT_BACKBONE else None}
     conflicting = [flag for flag, value in given.items() if value is not None]
     if conflicting:
         raise OptionError(f"--add-to takes the method, options and features from {args.add_to}; drop {conflicting}")
     return {"method": None, "options": {}, "levels": list(DEFAULT_LEVELS), "image_size": DEFAULT_IMAGE_SIZE,
-            "aggregation": DEFAULT_AGGREGATION, "pool": DEFAULT_POOL}
+            "aggregation": DEFAULT_AGGREGATION, "pool": DEFAULT_POOL, "resize": DEFAULT_RESIZE, "tile": None}
 
 
 def _validated(model: type, values: dict[str, object]) -> object:

@@ -20,7 +20,7 @@ import numpy as np
 from reconray.methods.artifact import read_config
 from reconray.methods.errors import DatasetError
 from reconray.methods.metrics import compute_metrics, mean_metrics
-from reconray.methods.scoring import is_anomalous
+from reconray.methods.scoring import content_mask, is_anomalous
 from reconray.pipelines.console import stage
 from reconray.pipelines.datasets import IMAGE_SUFFIXES, Sample, decode_rgb, discover, images_in, split_samples, validate
 from reconray.pipelines.ingest import Resources, plan_resources, score_dataset
@@ -43,6 +43,7 @@ class _CategoryScores:
     maps: list[np.ndarray] = dataclasses.field(default_factory=list)
     masks: list[np.ndarray] = dataclasses.field(default_factory=list)
     has_mask: list[bool] = dataclasses.field(default_factory=list)
+    content: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     def entries(self) -> list[dict[str, Any]]:
         """One `{"image", "label", "score"}` per image: what ROC curves and later comparisons need."""
@@ -83,9 +84,10 @@ def evaluate_model(
 
     category_metrics, heatmaps, image_scores, decisions = {}, {}, {}, {}
     for category, scores in sorted(per_category.items()):
-        category_metrics[category] = compute_metrics(
-            np.array(scores.labels), np.array(scores.scores), np.stack(scores.masks), np.stack(scores.maps)
-        )
+        maps = np.stack(scores.maps)
+        category_metrics[category] = compute_metrics(np.array(scores.labels), np.array(scores.scores),
+                                                     np.stack(scores.masks), maps,
+                                                     content_mask(np.stack(scores.content), maps.shape[1:]).numpy())
         # a category the model was not fitted on (a cross-category check) is decided by the global threshold
         threshold = config.threshold_for(category if category in config.categories else None)
         decisions[category] = _decisions(scores, threshold)
@@ -95,7 +97,8 @@ def evaluate_model(
         "method": config.method,
         "backbone": config.spec.backbone,
         "features": {"levels": config.spec.levels, "image_size": config.spec.image_size,
-                     "aggregation": config.spec.aggregation, "pool": config.spec.pool},
+                     "aggregation": config.spec.aggregation, "pool": config.spec.pool, "resize": config.spec.resize,
+                     "tile": config.spec.tile},
         "categories": category_metrics,
         "mean": mean_metrics(category_metrics),
         "timing": {
@@ -130,6 +133,7 @@ def _collect(batch: dict[str, np.ndarray], per_category: dict[str, _CategoryScor
         scores.maps.append(batch["anomaly_map"][row])
         scores.masks.append(batch["gt_mask"][row].astype(bool))
         scores.has_mask.append(bool(batch["mask"][row]))
+        scores.content.append(batch["content"][row])
 
 
 def _decisions(scores: _CategoryScores, threshold: float | None) -> dict[str, Any]:
@@ -151,9 +155,10 @@ def _write_heatmaps(out_dir: Path, category: str, scores: _CategoryScores, thres
     entries = []
     for rank, index in enumerate(picks):
         relative = Path("heatmaps") / safe_name(category) / f"{rank:02d}_{Path(scores.images[index]).stem}.png"
+        height, width = scores.content[index]
         render_figure(
-            decode_rgb(scores.images[index]), scores.maps[index], scores.scores[index], threshold,
-            mask=scores.masks[index] if scores.has_mask[index] else None, label=scores.labels[index],
+            decode_rgb(scores.images[index]), scores.maps[index][:height, :width], scores.scores[index], threshold,
+            mask=scores.masks[index][:height, :width] if scores.has_mask[index] else None, label=scores.labels[index],
         ).save(with_parent(out_dir / relative))
         label = "anomalous" if scores.labels[index] else "normal"
         entries.append({"path": relative.as_posix(), "score": scores.scores[index], "label": label,
@@ -187,7 +192,8 @@ def predict_images(
     with stage("predict", total=len(samples)) as advance:
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
             for row in range(len(batch["image"])):
-                image, anomaly_map = str(batch["image"][row]), batch["anomaly_map"][row]
+                height, width = batch["content"][row]
+                image, anomaly_map = str(batch["image"][row]), batch["anomaly_map"][row][:height, :width]
                 score = float(batch["image_score"][row])
                 heatmap = with_parent(out_dir / "heatmaps" / f"{position[image]:04d}_{Path(image).stem}.png")
                 render_figure(decode_rgb(image), anomaly_map, score, threshold).save(heatmap)

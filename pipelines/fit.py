@@ -26,8 +26,10 @@ from reconray.methods.backbone import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_LEVELS,
     DEFAULT_POOL,
+    DEFAULT_RESIZE,
     backbone_normalization,
     check_aggregation,
+    check_geometry,
 )
 from reconray.methods.errors import DatasetError, OptionError
 from reconray.methods.extended import ExtendedBank, check_extensible
@@ -64,6 +66,8 @@ def fit_model(
     image_size: int = DEFAULT_IMAGE_SIZE,
     aggregation: str = DEFAULT_AGGREGATION,
     pool: int = DEFAULT_POOL,
+    resize: str = DEFAULT_RESIZE,
+    tile: int | None = None,
     weights: str | None = None,
     options: dict[str, Any] | None = None,
     training: TrainConfig | None = None,
@@ -94,8 +98,10 @@ def fit_model(
     else:
         method = create_method(method_name, **(options or {}))
         check_aggregation(aggregation, pool)
+        check_geometry(image_size, resize, tile)
         mean, std = backbone_normalization(backbone, weights)
-        spec = ModelSpec(backbone, list(levels), image_size, list(mean), list(std), weights, aggregation, pool)
+        spec = ModelSpec(backbone, list(levels), image_size, list(mean), list(std), weights, aggregation, pool, resize,
+                         tile)
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
     train = split_samples(discover(data, categories), "train")

@@ -36,9 +36,9 @@ logger = logging.getLogger(__name__)
 
 
 def cache_columns(spec: ModelSpec) -> list[str]:
-    """What a feature cache keeps per image: the level features, the category (balanced sampling) and the image path
-    (a fit of fewer images reads its rows from a cache of more)."""
-    return [*level_columns(len(spec.levels)), "category", "image"]
+    """What a feature cache keeps per image: the level features, the category (balanced sampling), the image path
+    (a fit of fewer images reads its rows from a cache of more) and where the image lies on the canvas."""
+    return [*level_columns(len(spec.levels)), "category", "image", "content"]
 
 COMPLETE_MARKER = "COMPLETE"
 

@@ -62,7 +62,8 @@ def sample_rows(samples: Sequence[Sample]) -> list[dict[str, Any]]:
 
 
 def image_dataset(samples: Sequence[Sample], spec: ModelSpec, resources: Resources, masks: bool) -> ray.data.Dataset:
-    """Rows of decoded images `(3, S, S)` float32 normalized for the backbone, plus `(S, S)` uint8 masks if asked."""
+    """Rows of decoded images `(3, S, S)` float32 normalized for the backbone, their `content` size `(2,)` int32 on
+    that canvas (`ModelSpec.content_size`), plus `(S, S)` uint8 masks if asked."""
     if not samples:
         raise DatasetError("no images to process")
     return ray.data.from_items(sample_rows(samples)).map_batches(
@@ -92,14 +93,14 @@ def feature_batches(
     spec: ModelSpec, sets: dict[str, Sequence[Sample]], resources: Resources, stage_prefix: str
 ) -> dict[str, list[dict[str, np.ndarray]]]:
     """Backbone features of each named set of images, in one Ray Data pass (one actor pool), as numpy batches with
-    the `level_<n>` columns, `category`, `label` and `gt_mask` (zeros for images without a mask)."""
+    the `level_<n>` columns, `category`, `label`, `content` and `gt_mask` (zeros for images without a mask)."""
     home = {sample.image: name for name, samples in sets.items() for sample in samples}
     batches: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in sets}
     with stage(f"{stage_prefix} {', '.join(sets)} images", total=len(home)) as advance:
         rows = feature_dataset([sample for samples in sets.values() for sample in samples], spec, resources, masks=True)
         for batch in rows.iter_batches(batch_size=resources.batch_size, batch_format="numpy"):
             kept = {key: value for key, value in batch.items() if key.startswith("level_") or key in
-                    ("category", "label", "gt_mask")}
+                    ("category", "label", "gt_mask", "content")}
             names = np.array([home[image] for image in batch["image"]])
             for name in sets:
                 if (names == name).any():
@@ -124,34 +125,45 @@ def score_dataset(
 
 
 def preprocess(rgb: np.ndarray, spec: ModelSpec) -> torch.Tensor:
-    """`(H, W, 3)` uint8 → `(3, S, S)` float32: bilinear antialiased resize, then the backbone's normalization."""
+    """`(H, W, 3)` uint8 → `(3, S, S)` float32: bilinear antialiased resize onto the canvas at the spec's content size
+    (`ModelSpec.content_size`), the backbone's normalization, zeros (the mean colour) on any padding."""
     image = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 255.0
-    image = F.interpolate(image, size=(spec.image_size, spec.image_size), mode="bilinear", antialias=True,
-                          align_corners=False)[0]
+    size = spec.content_size(*rgb.shape[:2])
+    image = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
-    return (image.clamp(0.0, 1.0) - mean) / std
+    return _on_canvas((image.clamp(0.0, 1.0) - mean) / std, spec.image_size)
 
 
-def preprocess_mask(mask: np.ndarray, image_size: int) -> np.ndarray:
-    """`(H, W)` bool → `(S, S)` uint8 0/1, resized nearest-neighbour so it stays binary."""
-    resized = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=(image_size, image_size), mode="nearest")
-    return (resized[0, 0] > 0.5).numpy().astype(np.uint8)
+def preprocess_mask(mask: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """`(H, W)` bool → `(S, S)` uint8 0/1 placed as `preprocess` places its image, resized nearest-neighbour so it
+    stays binary."""
+    size = spec.content_size(*mask.shape[:2])
+    resized = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=size, mode="nearest")[0]
+    return (_on_canvas(resized, spec.image_size)[0] > 0.5).numpy().astype(np.uint8)
+
+
+def _on_canvas(image: torch.Tensor, side: int) -> torch.Tensor:
+    """`(C, h, w)` → `(C, side, side)`, the image in the top-left corner and zeros elsewhere."""
+    return F.pad(image, (0, side - image.shape[-1], 0, side - image.shape[-2]))
 
 
 def _decode_batch(batch: dict[str, np.ndarray], spec: ModelSpec, masks: bool) -> dict[str, np.ndarray]:
     torch.set_num_threads(1)
-    images = []
+    images, content = [], []
     for path in batch["image"]:
         try:
-            images.append(preprocess(decode_rgb(path), spec).numpy())
+            rgb = decode_rgb(path)
         except (OSError, ValueError) as error:
             raise DatasetError(f"{path}: cannot decode image ({error})") from error
+        images.append(preprocess(rgb, spec).numpy())
+        content.append(spec.content_size(*rgb.shape[:2]))
     batch["pixels"] = np.stack(images)
+    batch["content"] = np.array(content, dtype=np.int32)
     if masks:
         size = spec.image_size
         batch["gt_mask"] = np.stack(
-            [preprocess_mask(load_mask(path), size) if path else np.zeros((size, size), np.uint8)
+            [preprocess_mask(load_mask(path), spec) if path else np.zeros((size, size), np.uint8)
              for path in batch["mask"]]
         )
     return batch
@@ -182,7 +194,8 @@ class _ScoreActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = batch.pop("pixels")
-        scored = self.scorer(as_tensor(pixels), [str(category) or None for category in batch["category"]])
+        scored = self.scorer(as_tensor(pixels), [str(category) or None for category in batch["category"]],
+                             batch["content"])
         count = len(pixels)
         batch["image_score"] = scored.image_scores.numpy().astype(np.float64)
         batch["anomaly_map"] = scored.anomaly_maps.numpy().astype(np.float32)

@@ -396,8 +396,12 @@ def method_report(
     lines = [f"# reconray evaluation: {metrics['method']} ({metrics['backbone']})", ""]
     if "features" in metrics:
         features = metrics["features"]
-        lines += [f"Features: levels {', '.join(map(str, features['levels']))} at {features['image_size']} px, "
-                  f"{features['pool']}x{features['pool']} local average, {features['aggregation']}.", ""]
+        placement = {"square": "squashed to a square", "keep-aspect": "aspect kept, padded to a square"}[
+            features.get("resize", "square")]
+        tiles = f", in {features['tile']} px tiles" if features.get("tile") else ""
+        lines += [f"Features: levels {', '.join(map(str, features['levels']))} at {features['image_size']} px "
+                  f"({placement}{tiles}), {features['pool']}x{features['pool']} local average, "
+                  f"{features['aggregation']}.", ""]
     lines += [*metrics_table(rows), ""]
     lines += ["## Timing", "", *timing_lines(metrics["timing"]), ""]
     lines += threshold_section(metrics.get("decisions", {}))

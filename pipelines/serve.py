@@ -96,6 +96,8 @@ class ModelInfo(BaseModel):
     image_size: int
     aggregation: str = Field(description="feature aggregation order (pool-align or align-pool)")
     pool: int = Field(description="side of the features' local average window")
+    resize: str = Field(description="how an image is placed on the square canvas (square or keep-aspect)")
+    tile: int | None = Field(description="side of the tiles the backbone runs on (null: the whole canvas)")
     threshold: float | None = Field(description="threshold in use by this deployment")
     calibrated_threshold: float | None = Field(description="threshold stored in the artifact at fit time")
     category_thresholds: dict[str, float] = Field(description="per category, the threshold calibrated at fit time on "
@@ -170,9 +172,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 @dataclasses.dataclass
 class _Upload:
-    """A decoded, validated upload: the model input, and the image at model size when a heatmap was asked for."""
+    """A decoded, validated upload: the model input, where the image lies on it, and the image at its size there
+    when a heatmap was asked for."""
 
     pixels: torch.Tensor
+    content: tuple[int, int]
     overlay_rgb: np.ndarray | None
 
 
@@ -264,6 +268,7 @@ class AnomalyScorer:
         self._info = ModelInfo(
             method=artifact.method.name, backbone=artifact.spec.backbone, levels=artifact.spec.levels,
             image_size=artifact.spec.image_size, aggregation=artifact.spec.aggregation, pool=artifact.spec.pool,
+            resize=artifact.spec.resize, tile=artifact.spec.tile,
             threshold=artifact.threshold if threshold is None else threshold,
             calibrated_threshold=artifact.threshold, category_thresholds=artifact.config.category_thresholds,
             categories=artifact.categories, sha256=artifact.sha256, device=str(device), torch_threads=threads,
@@ -294,7 +299,7 @@ class AnomalyScorer:
         data = await self._image_bytes(request)
         loop = asyncio.get_running_loop()
         upload = await loop.run_in_executor(self._decode_pool, self._decode, data, heatmap)
-        scored: _Scored = await self._score_batch((upload.pixels, category))
+        scored: _Scored = await self._score_batch((upload.pixels, category, upload.content))
         response = ScoreResponse(
             score=scored.score,
             is_anomalous=is_anomalous(scored.score, threshold),
@@ -335,16 +340,17 @@ class AnomalyScorer:
         return calibrated if self._threshold is None else self._threshold
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, requests: list[tuple[torch.Tensor, str | None]]) -> list[_Scored]:
+    async def _score_batch(self, requests: list[tuple[torch.Tensor, str | None, tuple[int, int]]]) -> list[_Scored]:
         """Scores the images of concurrent requests in one backbone pass (batch settings are set per deployment);
-        each with its request's category, which a model extended with `--add-to` routes on."""
-        images, categories = zip(*requests, strict=True)
+        each with its request's category, which a model extended with `--add-to` routes on, and its map cropped to
+        the image's own region of the canvas."""
+        images, categories, content = zip(*requests, strict=True)
         scored = await asyncio.get_running_loop().run_in_executor(self._model_thread, self._scorer,
-                                                                  torch.stack(images), list(categories))
+                                                                  torch.stack(images), list(categories), content)
         patch_map_size = list(scored.patch_scores.shape[1:])
         return [
-            _Scored(float(scored.image_scores[row]), scored.anomaly_maps[row].numpy(), patch_map_size)
-            for row in range(len(requests))
+            _Scored(float(scored.image_scores[row]), scored.anomaly_maps[row, :height, :width].numpy(), patch_map_size)
+            for row, (height, width) in enumerate(content)
         ]
 
     async def _image_bytes(self, request: Request) -> bytes:
@@ -375,12 +381,12 @@ class AnomalyScorer:
         except _DECODE_ERRORS as error:
             raise _Rejected(400, f"image could not be decoded: {error}") from error
         pixels = preprocess(rgb, self._spec)
+        height, width = self._spec.content_size(*rgb.shape[:2])
         overlay_rgb = None
         if heatmap:
             # The same bilinear resize `render_overlay` applies, done now so the full-size image is not kept waiting.
-            size = self._spec.image_size
-            overlay_rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
-        return _Upload(pixels, overlay_rgb)
+            overlay_rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+        return _Upload(pixels, (height, width), overlay_rgb)
 
 
 def build_app(args: dict[str, Any] | ServeOptions) -> Application:

@@ -43,11 +43,14 @@ from reconray.methods.backbone import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_LEVELS,
     DEFAULT_POOL,
+    DEFAULT_RESIZE,
+    RESIZES,
     backbone_normalization,
+    check_geometry,
 )
 from reconray.methods.errors import OptionError
 from reconray.methods.rlr import RLR
-from reconray.methods.scoring import calibrated_threshold, score_features
+from reconray.methods.scoring import calibrated_threshold, content_mask, score_features
 from reconray.pipelines.datasets import Sample, discover, split_samples, validate
 from reconray.pipelines.fit import fit_model
 from reconray.pipelines.fitting import FitContext, TrainConfig
@@ -72,7 +75,7 @@ ASHA_REDUCTION = 2
 """ASHA stops an rlr trial below the median of those that reached the same rung (a quarter and a half of the longest
 setting's epochs)."""
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
-FEATURE_KEYS = ("levels", "image_size", "aggregation", "pool")
+FEATURE_KEYS = ("levels", "image_size", "aggregation", "pool", "resize", "tile")
 """Space keys that change the features rather than the method: features are extracted once per distinct value."""
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -154,6 +157,10 @@ def check_space(method: str, space: dict[str, Any]) -> None:
                 raise OptionError(f"search space key 'aggregation': {value!r} is not one of {list(AGGREGATIONS)}")
             elif key == "pool" and not (isinstance(value, int) and value >= 1 and value % 2):
                 raise OptionError(f"search space key 'pool': {value!r} is not an odd window side >= 1")
+            elif key == "resize" and value not in RESIZES:
+                raise OptionError(f"search space key 'resize': {value!r} is not one of {list(RESIZES)}")
+            elif key == "tile" and not (value is None or isinstance(value, int) and value >= 32):
+                raise OptionError(f"search space key 'tile': {value!r} is neither null nor a tile side >= 32")
 
 
 def _candidate_values(key: str, spec: Any) -> list[Any]:
@@ -207,6 +214,8 @@ def tune_method(
     image_size: int = DEFAULT_IMAGE_SIZE,
     aggregation: str = DEFAULT_AGGREGATION,
     pool: int = DEFAULT_POOL,
+    resize: str = DEFAULT_RESIZE,
+    tile: int | None = None,
     seed: int = 0,
     resources: Resources | None = None,
 ) -> SweepSummary:
@@ -230,7 +239,8 @@ def tune_method(
     trains = issubclass(METHODS[method], RLR)
     ensure_ray(dashboard=trains)
     resources = resources or plan_resources()
-    default_features = {"levels": list(levels), "image_size": image_size, "aggregation": aggregation, "pool": pool}
+    default_features = {"levels": list(levels), "image_size": image_size, "aggregation": aggregation, "pool": pool,
+                        "resize": resize, "tile": tile}
     specs = _feature_specs(space, backbone, default_features)
     logger.info("tune %s: %d fit, %d calibration and %d validation images (%d painted), %d feature setting(s)",
                 method, len(carving.fit), len(carving.calibration), len(painted),
@@ -340,8 +350,10 @@ def _feature_specs(space: dict[str, Any], backbone: str, default_features: dict[
     specs = {}
     for combination in itertools.product(*values):
         features = dict(zip(FEATURE_KEYS, combination, strict=True))
+        check_geometry(features["image_size"], features["resize"], features["tile"])
         specs[_spec_key(features)] = ModelSpec(backbone, list(features["levels"]), features["image_size"], list(mean),
-                                               list(std), aggregation=features["aggregation"], pool=features["pool"])
+                                               list(std), aggregation=features["aggregation"], pool=features["pool"],
+                                               resize=features["resize"], tile=features["tile"])
     return specs
 
 
@@ -363,7 +375,8 @@ def _trial_setting(config: dict[str, Any], features: dict[str, Any], default_fea
 def _threshold(model: Any, data: dict[str, Any]) -> float | None:
     """The decision threshold `fit_model` would calibrate: a quantile of the calibration images' scores."""
     size = (data["image_size"], data["image_size"])
-    calibration = [score_features(model, level_tensors(batch), size)[0] for batch in ray.get(data["calibration"])]
+    calibration = [score_features(model, level_tensors(batch), size, content=batch["content"])[0]
+                   for batch in ray.get(data["calibration"])]
     return calibrated_threshold(torch.cat(calibration).numpy()) if calibration else None
 
 
@@ -375,7 +388,9 @@ def _bank_trial(config: dict[str, Any], method: str, features: dict[str, Any],
     options, data = _trial_setting(config, features, default_features)
     model = create_method(method, **options)
     started = time.perf_counter()
-    model.fit([level_tensors(batch) for batch in ray.get(data["fit"])])
+    batches = ray.get(data["fit"])
+    model.fit([level_tensors(batch) for batch in batches],
+              [content_mask(batch["content"], batch["level_0"].shape[-2:], data["image_size"]) for batch in batches])
     fitted = time.perf_counter()
     threshold = _threshold(model, data)
     metrics = validation_metrics(model, ray.get(data["validation"]), data["image_size"])

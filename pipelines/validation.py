@@ -51,7 +51,7 @@ from scipy import ndimage
 from reconray.methods.base import AnomalyMethod
 from reconray.methods.errors import DatasetError, OptionError
 from reconray.methods.metrics import compute_metrics, mean_metrics
-from reconray.methods.scoring import score_features
+from reconray.methods.scoring import content_mask, score_features
 from reconray.pipelines.datasets import NORMAL, Sample, decode_rgb
 from reconray.pipelines.ingest import level_tensors
 
@@ -244,22 +244,26 @@ VALIDATION_METRICS = ("mean_auroc", "image_auroc", "pixel_auroc", "aupro", "pixe
 def validation_metrics(method: AnomalyMethod, batches: Sequence[dict[str, np.ndarray]], image_size: int) -> dict:
     """Scores feature batches of the painted validation split and returns `VALIDATION_METRICS`, means over categories.
 
-    The batches carry the `level_<n>` feature columns plus `category`, `label` and `gt_mask`; scoring goes through
+    The batches carry the `level_<n>` feature columns plus `category`, `label`, `content` and `gt_mask`; scoring
+    goes through
     `methods.scoring.score_features`, the path every entry point uses, so a tune trial and RLR's checkpoint selection
     measure exactly what `reconray evaluate` on the validation split would.
     """
     size = (image_size, image_size)
     per_category: dict[str, dict[str, list]] = {}
     for batch in batches:
-        scores, maps, _ = score_features(method, level_tensors(batch), size)
+        scores, maps, _ = score_features(method, level_tensors(batch), size, content=batch["content"])
         for row, category in enumerate(batch["category"]):
-            entry = per_category.setdefault(str(category), {"labels": [], "scores": [], "masks": [], "maps": []})
+            entry = per_category.setdefault(str(category), {"labels": [], "scores": [], "masks": [], "maps": [],
+                                                            "content": []})
             entry["labels"].append(int(batch["label"][row]))
             entry["scores"].append(float(scores[row]))
             entry["masks"].append(np.asarray(batch["gt_mask"][row], dtype=bool))
             entry["maps"].append(maps[row].numpy())
+            entry["content"].append(batch["content"][row])
     metrics = mean_metrics({category: compute_metrics(np.array(entry["labels"]), np.array(entry["scores"]),
-                                                       np.stack(entry["masks"]), np.stack(entry["maps"]))
+                                                       np.stack(entry["masks"]), np.stack(entry["maps"]),
+                                                       content_mask(np.stack(entry["content"]), size).numpy())
                             for category, entry in per_category.items()})
     image_auroc, pixel_auroc = metrics["image_auroc"], metrics["pixel_auroc"]
     mean = None if image_auroc is None or pixel_auroc is None else (image_auroc + pixel_auroc) / 2

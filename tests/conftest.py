@@ -23,6 +23,7 @@ from PIL import Image
 from reconray.methods import create_method
 from reconray.methods.artifact import ModelSpec, save_artifact, set_thresholds
 from reconray.methods.backbone import DEFAULT_BACKBONE, DEFAULT_LEVELS, FeatureExtractor, backbone_normalization
+from reconray.methods.scoring import content_mask
 from reconray.pipelines.datasets import decode_rgb
 from reconray.pipelines.ingest import preprocess
 from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
@@ -89,6 +90,38 @@ def fitted_model(
     directory = save_artifact(tmp_path_factory.mktemp("model"), method, model_spec, threshold=1.0, categories=["nut"])
     set_thresholds(directory, 1.0, {"nut": 1.5})
     return directory
+
+
+TALL_SIZE = (TEST_IMAGE_SIZE // 2, TEST_IMAGE_SIZE)
+"""(W, H) of the `tall_root` images: an elongated part, half as wide as it is tall."""
+
+
+@pytest.fixture(scope="session")
+def tall_root(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> Path:
+    """The synthetic `nut` category narrowed to 32 x 64 px (images bilinear, masks nearest): an elongated part for
+    `keep-aspect`, in the same MVTec layout."""
+    root = tmp_path_factory.mktemp("tall")
+    for path in sorted((synthetic_root / "nut").rglob("*.png")):
+        target = root / "nut" / path.relative_to(synthetic_root / "nut")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        resample = Image.NEAREST if path.parent.parent.name == "ground_truth" else Image.BILINEAR
+        Image.open(path).resize(TALL_SIZE, resample).save(target)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tall_model(tmp_path_factory: pytest.TempPathFactory, tall_root: Path, model_spec: ModelSpec,
+               extractor: FeatureExtractor) -> Path:
+    """A keep-aspect patchcore artifact fitted in-process on the `tall_root` training images, on their own patches
+    only (threshold 1.0)."""
+    spec = dataclasses.replace(model_spec, resize="keep-aspect")
+    train = sorted((tall_root / "nut" / "train" / "good").glob("*.png"))
+    images = torch.stack([preprocess(decode_rgb(path), spec) for path in train])
+    content = np.array([spec.content_size(TALL_SIZE[1], TALL_SIZE[0])] * len(train))
+    features = extractor(images)
+    method = create_method("patchcore", coreset_ratio=1.0)
+    method.fit([features], [content_mask(content, features[0].shape[-2:], spec.image_size)])
+    return save_artifact(tmp_path_factory.mktemp("tall-model"), method, spec, threshold=1.0, categories=["nut"])
 
 
 @dataclasses.dataclass

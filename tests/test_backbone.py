@@ -12,12 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reconray.methods.artifact import ModelSpec
 from reconray.methods.backbone import (
     AGGREGATIONS,
     DEFAULT_BACKBONE,
     DEFAULT_IMAGE_SIZE,
     FeatureExtractor,
+    _tile_spans,
     backbone_normalization,
+    check_geometry,
     concat_levels,
     create_classifier,
 )
@@ -170,6 +173,47 @@ def test_bad_aggregation_and_pool_are_refused() -> None:
         FeatureExtractor(pretrained=False, aggregation="mean")
     with pytest.raises(OptionError, match="odd window side >= 1.*got 2"):
         FeatureExtractor(pretrained=False, pool=2)
+
+
+@pytest.mark.parametrize(("side", "tile"), [(640, 256), (512, 256), (256, 256), (96, 32), (128, 64)])
+def test_tile_spans_cover_the_side_once_with_a_quarter_tile_of_overlap(side: int, tile: int) -> None:
+    spans = _tile_spans(side, tile, 16)
+    assert spans[0][1] == 0 and spans[-1][2] == side
+    assert all(high == low for (_, _, high), (_, low, _) in zip(spans, spans[1:], strict=False))
+    for start, low, high in spans:
+        assert start % 16 == low % 16 == high % 16 == 0 and start <= low < high <= start + tile
+    assert all(later[0] - earlier[0] <= 0.75 * tile for earlier, later in zip(spans, spans[1:], strict=False))
+
+
+def test_tiles_are_stitched_from_the_tile_each_cell_is_most_central_in() -> None:
+    images = torch.randn(2, 3, 128, 128, device=DEVICE)
+    whole, tiled = FeatureExtractor(pool=1).to(DEVICE), FeatureExtractor(pool=1, tile=64).to(DEVICE)
+    single = FeatureExtractor(pool=1, tile=128).to(DEVICE)(images)  # one tile the size of the image: no tiling
+    for level, reference in zip(single, whole(images), strict=True):
+        torch.testing.assert_close(level, reference)
+    stitched = tiled(images)
+    assert [level.shape for level in stitched] == [level.shape for level in whole(images)]
+    spans = _tile_spans(128, 64, 16)
+    for top, row_low, row_high in spans:
+        for left, col_low, col_high in spans:
+            alone = whole(images[..., top:top + 64, left:left + 64])
+            for level, tile_level, stride in zip(stitched, alone, whole.strides, strict=True):
+                torch.testing.assert_close(
+                    level[..., row_low // stride:row_high // stride, col_low // stride:col_high // stride],
+                    tile_level[..., (row_low - top) // stride:(row_high - top) // stride,
+                               (col_low - left) // stride:(col_high - left) // stride])
+
+
+def test_bad_tile_and_resize_are_refused() -> None:
+    with pytest.raises(OptionError, match="tile 40 must be a multiple of .*coarsest stride 16"):
+        FeatureExtractor(pretrained=False, tile=40)
+    with pytest.raises(OptionError, match="tile must be between 32 px and the image size 64, got 128"):
+        check_geometry(64, "square", 128)
+    with pytest.raises(OptionError, match="unknown resize 'crop'"):
+        check_geometry(64, "crop", None)
+    spec = {"backbone": DEFAULT_BACKBONE, "levels": [2, 3], "image_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+    with pytest.raises(ValueError, match="tile must be between 32 px and the image size 64, got 16"):
+        ModelSpec(**spec, tile=16)
 
 
 def test_bad_level_names_value_and_range() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -9,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from reconray.methods.artifact import ModelSpec, load_artifact
+from reconray.methods.artifact import ModelSpec, load_artifact, read_config
 from reconray.methods.scoring import calibrated_threshold
 from reconray.pipelines import ingest
-from reconray.pipelines.datasets import Sample, discover, load_mask, split_samples
+from reconray.pipelines.datasets import Sample, decode_rgb, discover, load_mask, split_samples
+from reconray.pipelines.evaluate import evaluate_model, predict_images
 from reconray.pipelines.fit import fit_model
 from reconray.pipelines.ingest import (
     Resources,
@@ -26,6 +29,7 @@ from reconray.pipelines.ingest import (
     sample_rows,
     score_dataset,
 )
+from reconray.pipelines.report import FIGURE_GAP, FIGURE_MIN_PANEL
 from reconray.pipelines.validation import calibration_split
 
 
@@ -56,16 +60,31 @@ def test_preprocess_resizes_and_normalizes(model_spec: ModelSpec) -> None:
     assert abs(float(pixels.mean())) < 0.02
 
 
-def test_masks_are_resized_nearest_and_stay_binary() -> None:
+def test_masks_are_resized_nearest_and_stay_binary(model_spec: ModelSpec) -> None:
     mask = np.zeros((8, 8), dtype=bool)
     mask[2:5, 3:7] = True
-    upscaled = preprocess_mask(mask, 32)
+    upscaled = preprocess_mask(mask, dataclasses.replace(model_spec, image_size=32))
     assert upscaled.dtype == np.uint8 and set(np.unique(upscaled)) == {0, 1}
     assert np.array_equal(upscaled, np.kron(mask, np.ones((4, 4), dtype=np.uint8)))
     odd = np.random.default_rng(0).random((37, 53)) > 0.7
     for size in (16, 64):
-        resized = preprocess_mask(odd, size)
+        resized = preprocess_mask(odd, dataclasses.replace(model_spec, image_size=size))
         assert resized.shape == (size, size) and set(np.unique(resized)) <= {0, 1}
+
+
+def test_keep_aspect_fits_the_long_side_and_pads_below_and_right(model_spec: ModelSpec) -> None:
+    spec = dataclasses.replace(model_spec, resize="keep-aspect")
+    tall = np.full((128, 32, 3), 255, np.uint8)  # 4:1, like an elongated part
+    assert spec.content_size(128, 32) == (64, 16) and spec.content_size(30, 90) == (21, 64)
+    pixels = preprocess(tall, spec)
+    assert pixels.shape == (3, 64, 64)
+    torch.testing.assert_close(pixels[:, :, :16], torch.ones(3, 64, 16))  # the image, not squashed
+    torch.testing.assert_close(pixels[:, :, 16:], torch.zeros(3, 64, 48))  # padding: the backbone's mean colour
+    mask = np.zeros((128, 32), dtype=bool)
+    mask[64:, 8:24] = True
+    placed = preprocess_mask(mask, spec)
+    assert placed.shape == (64, 64) and placed[32:, 4:12].all() and placed.sum() == 32 * 8
+    assert dataclasses.replace(model_spec, resize="square").content_size(128, 32) == (64, 64)
 
 
 def test_plan_resources_fits_the_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,7 +136,7 @@ def test_feature_actors_match_the_in_process_backbone(
 
 
 def test_score_actors_match_the_in_process_scorer(
-    ray_session, synthetic_root: Path, fitted_model: Path, pixels
+    ray_session, synthetic_root: Path, fitted_model: Path, model_spec: ModelSpec, pixels
 ) -> None:
     samples = _nut_samples(synthetic_root)
     resources = Resources(1, 1.0, 0.0, 0.5, batch_size=3)
@@ -129,7 +148,7 @@ def test_score_actors_match_the_in_process_scorer(
     np.testing.assert_allclose(rows["anomaly_map"], reference.anomaly_maps.numpy(), rtol=1e-5, atol=1e-5)
     assert rows["anomaly_map"].shape == (4, 64, 64) and rows["gt_mask"].shape == (4, 64, 64)
     for row, sample in enumerate(samples):
-        expected = preprocess_mask(load_mask(sample.mask), 64) if sample.mask else np.zeros((64, 64), np.uint8)
+        expected = preprocess_mask(load_mask(sample.mask), model_spec) if sample.mask else np.zeros((64, 64), np.uint8)
         assert np.array_equal(rows["gt_mask"][row], expected)
     assert rows["gt_mask"][2:].any() and not rows["gt_mask"][:2].any()
     assert np.all(rows["extract_ms"] > 0) and np.all(rows["score_ms"] > 0)
@@ -163,3 +182,32 @@ def test_bank_fits_sharing_a_feature_cache_extract_once_and_build_the_same_bank(
         scores = artifact.scorer()(pixels([sample.image for sample in calibration])).image_scores.numpy()
         assert artifact.threshold == pytest.approx(calibrated_threshold(scores), rel=1e-5)
         assert artifact.config.category_thresholds["nut"] == pytest.approx(artifact.threshold, rel=1e-12)
+
+
+def test_keep_aspect_fits_scores_and_measures_the_image_region_only(
+    ray_session, tall_root: Path, tall_model: Path, tmp_path: Path
+) -> None:
+    """An elongated part on a padded canvas: the Ray fit banks its own patches only, as the in-process fit does; the
+    score reads its region only; evaluate measures the region and predict's figure has the part's shape."""
+    fitted = fit_model(tall_root, "patchcore", tmp_path / "model", image_size=64, resize="keep-aspect",
+                       options={"coreset_ratio": 1.0})
+    config = read_config(fitted.model_dir)
+    assert (config.spec.resize, config.spec.tile) == ("keep-aspect", None)
+    assert config.bank_vectors == fitted.n_fit * 8 * 4  # 8 x 8 cells of 8 px; the image fills 4 columns of them
+    assert read_config(tall_model).bank_vectors == 10 * 8 * 4
+    samples = _nut_samples(tall_root)
+    rows = _collect(score_dataset(str(tall_model), samples, Resources(1, 1.0, 0.0, 0.5, batch_size=3), masks=True),
+                    samples)
+    assert rows["content"].tolist() == [[64, 32]] * 4
+    spec = read_config(tall_model).spec
+    images = torch.stack([preprocess(decode_rgb(sample.image), spec) for sample in samples])
+    reference = load_artifact(tall_model).scorer()(images, content=rows["content"])
+    np.testing.assert_allclose(rows["image_score"], reference.image_scores.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rows["image_score"], rows["anomaly_map"][:, :, :32].max(axis=(1, 2)), rtol=1e-6)
+    assert rows["gt_mask"][:, :, :32].any() and not rows["gt_mask"][:, :, 32:].any()
+
+    metrics = evaluate_model(tall_model, tall_root, tmp_path / "evaluate")
+    assert metrics["features"]["resize"] == "keep-aspect" and metrics["categories"]["nut"]["pixel_auroc"] is not None
+    prediction = predict_images(tall_model, [samples[-1].image], tmp_path / "predict")[0]
+    zoom = -(-FIGURE_MIN_PANEL // 64)
+    assert Image.open(prediction["heatmap"]).width == 2 * (32 * zoom + FIGURE_GAP) + FIGURE_GAP  # input | overlay

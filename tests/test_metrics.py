@@ -137,6 +137,24 @@ def test_perfect_detector_scores_one_everywhere() -> None:
     assert (metrics["n_images"], metrics["n_anomalous"]) == (6, 5)
 
 
+def test_pixels_outside_the_images_are_not_counted() -> None:
+    """Images padded onto a canvas (keep-aspect) are measured on their own pixels: the same metrics as the crops."""
+    rng = np.random.default_rng(3)
+    masks = _random_masks(rng, n_images=6, size=24)[:, :, :15]
+    labels = masks.any(axis=(1, 2))
+    anomaly_maps = _random_scores(rng, masks, 1)
+    image_scores = anomaly_maps.max(axis=(1, 2))
+    padded_masks, padded_maps = np.zeros((6, 24, 24), dtype=bool), rng.random((6, 24, 24)) * 10
+    padded_masks[:, :, :15], padded_maps[:, :, :15] = masks, anomaly_maps
+    inside = np.zeros((6, 24, 24), dtype=bool)
+    inside[:, :, :15] = True
+    cropped = compute_metrics(labels, image_scores, masks, anomaly_maps)
+    assert compute_metrics(labels, image_scores, padded_masks, padded_maps, inside) == cropped
+    assert compute_metrics(labels, image_scores, padded_masks, padded_maps)["pixel_auroc"] != cropped["pixel_auroc"]
+    with pytest.raises(ValueError, match="inside must have the masks' shape"):
+        compute_metrics(labels, image_scores, padded_masks, padded_maps, inside[:, :10])
+
+
 def test_compute_metrics_matches_the_references() -> None:
     rng = np.random.default_rng(1)
     masks = _random_masks(rng, n_images=8, size=24)

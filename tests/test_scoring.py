@@ -20,6 +20,7 @@ from reconray.methods.scoring import (
     anomaly_map,
     calibrated_threshold,
     category_thresholds,
+    content_mask,
     image_scores,
     is_anomalous,
 )
@@ -69,6 +70,17 @@ def test_image_score_is_the_maximum_of_the_map() -> None:
     maps = torch.zeros(3, 16, 16)
     maps[0, 3, 4], maps[1, 15, 15], maps[2] = 7.0, 2.0, -1.0
     assert image_scores(maps).tolist() == [7.0, 2.0, -1.0]
+
+
+def test_a_padded_image_is_scored_on_its_own_region_only() -> None:
+    maps = torch.zeros(2, 16, 16)
+    maps[:, 12:, :] = 9.0  # the padding below a 12-row image
+    maps[0, 2, 3], maps[1, 11, 15] = 4.0, 5.0
+    content = np.array([[12, 16], [12, 16]])
+    assert image_scores(maps, content).tolist() == [4.0, 5.0]
+    assert image_scores(maps).tolist() == [9.0, 9.0]
+    cells = content_mask(np.array([[64, 30]]), (8, 8), canvas=64)  # a 64 x 30 image on a 64 px canvas, 8 px cells
+    assert cells.shape == (1, 8, 8) and cells[0, :, :4].all() and not cells[0, :, 4:].any()  # centres 4, 12, 20, 28
 
 
 @pytest.mark.parametrize(

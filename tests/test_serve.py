@@ -258,6 +258,28 @@ def test_cli_refuses_bad_settings_before_deploying(service: Service, capsys: pyt
     assert "min_replicas=3 exceeds max_replicas=2" in capsys.readouterr().err
 
 
+def test_keep_aspect_model_answers_with_the_part_s_own_geometry(service: Service, tall_model: Path,
+                                                                 tall_root: Path, tmp_path: Path) -> None:
+    """A keep-aspect artifact served next to the first: its map and overlay have the elongated part's shape, and its
+    score is predict's."""
+    serve.run(build_app({"model_dir": str(tall_model), "num_cpus": str(REPLICA_CPUS), "min_replicas": "1",
+                         "max_replicas": "1"}), name="tall", route_prefix="/tall")
+    try:
+        image = sorted((tall_root / "nut" / "test").glob("*/*.png"))[-1]
+        response = service.client.post("/tall/v1/score?heatmap=true", content=image.read_bytes(),
+                                       headers={"Content-Type": "image/png"})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["heatmap_size"] == [64, 32] and body["patch_map_size"] == [8, 8]
+        assert Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"]))).size == (32, 64)
+        assert service.client.get("/tall/v1/model").json()["resize"] == "keep-aspect"
+        predicted = predict_images(tall_model, [image], tmp_path,
+                                   resources=Resources(1, REPLICA_CPUS, 0.0, 0.25, batch_size=1))
+        assert body["score"] == pytest.approx(predicted[0]["score"], rel=1e-5, abs=1e-5)
+    finally:
+        serve.delete("tall")
+
+
 def test_killed_replica_is_replaced(service: Service) -> None:
     before = service.client.get("/v1/health").json()["replica"]
     statuses: list[int | str] = []

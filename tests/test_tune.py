@@ -101,7 +101,8 @@ def test_fit_config_takes_the_best_setting_and_the_command_line_wins(tmp_path: P
     best.write_text(yaml.safe_dump({"method": "sgfr", "options": {"k": 16, "lam": 0.05}, "image_size": 128}))
     args = _parser().parse_args(["fit", "--data", "d", "--out", "m", "--config", str(best), "--set", "k=4"])
     assert _fit_setting(args) == {"method": "sgfr", "options": {"k": "4", "lam": 0.05}, "levels": [2, 3],
-                                  "image_size": 128, "aggregation": "pool-align", "pool": 3}
+                                  "image_size": 128, "aggregation": "pool-align", "pool": 3,
+                                  "resize": "square", "tile": None}
     best.write_text(yaml.safe_dump({"method": "sgfr", "aggregation": "align-pool", "pool": 5}))
     args = _parser().parse_args(["fit", "--data", "d", "--out", "m", "--config", str(best), "--pool", "1"])
     assert (_fit_setting(args)["aggregation"], _fit_setting(args)["pool"]) == ("align-pool", 1)
