@@ -84,6 +84,9 @@ class FitRecord(pydantic.BaseModel):
     skipped: list[dict[str, str]] = []
     extends: str | None = None
     """sha256 of the config.json of the model this one extends (`fit --add-to`), None for a model fitted whole."""
+    stages: dict[str, float] = {}
+    """Seconds per stage of the whole `fit_model` call (discovery and validation pass, Ray start, the method's own
+    stages, saving and calibration), so a report says where a fit's time went."""
 
 
 class ArtifactConfig(pydantic.BaseModel):
@@ -208,12 +211,16 @@ def load_artifact(directory: str | Path) -> Artifact:
 
 
 def set_thresholds(
-    directory: str | Path, threshold: float | None, category_thresholds: dict[str, float] | None = None
+    directory: str | Path, threshold: float | None, category_thresholds: dict[str, float] | None = None,
+    fit: FitRecord | None = None,
 ) -> None:
-    """Stores (re)calibrated decision thresholds, the global one and one per category; config.json is rewritten
-    atomically, the tensors untouched."""
+    """Stores (re)calibrated decision thresholds, the global one and one per category, and the fit record when given
+    (a fit's last stages are timed only once it is calibrated); config.json is rewritten atomically, the tensors
+    untouched."""
     config = read_config(directory)
     update = {"threshold": threshold, "category_thresholds": dict(category_thresholds or {})}
+    if fit is not None:
+        update["fit"] = fit
     _write_config(Path(directory), config.model_copy(update=update))
 
 

@@ -12,6 +12,7 @@ artifact.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ def fit_bank(method: BankMethod, context: FitContext) -> BankMethod:
         num_cpus=context.resources.decode_cpus,
     )
     candidates, total_vectors, held_out = [], 0, []
+    started = time.perf_counter()
     with stage(f"fit {method.name}: features + condense", total=len(everything.samples)) as advance:
         for batch in condensed.iter_batches(batch_size=None, batch_format="numpy"):
             kept = batch["calibration"] < 0
@@ -48,10 +50,14 @@ def fit_bank(method: BankMethod, context: FitContext) -> BankMethod:
             if not kept.all():
                 held_out.append({key: value[~kept] for key, value in batch.items()})
             advance(int(batch["image_count"].sum()))
+    streamed = time.perf_counter()
     method.fit_bank(torch.cat(candidates), total_vectors=total_vectors)
+    built = time.perf_counter()
     if context.calibration:
         context.calibration_scores = _calibration_scores(method, held_out, len(context.calibration),
                                                          (context.spec.image_size, context.spec.image_size))
+    context.stage_s |= {"features_condense": streamed - started, "bank": built - streamed,
+                        "calibration_scores": time.perf_counter() - built}
     return method
 
 

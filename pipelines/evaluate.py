@@ -105,6 +105,7 @@ def evaluate_model(
             "extract_ms_per_image": float(np.mean(extract_ms)),
             "score_ms_per_image": float(np.mean(score_ms)),
             "fit_s": config.fit.fit_s,
+            "fit_stages_s": config.fit.stages,
             "bank_vectors": config.bank_vectors,
             "bank_bytes": config.bank_bytes,
             "search": config.method_info.get("search"),

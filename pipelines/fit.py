@@ -104,6 +104,7 @@ def fit_model(
                          tile)
     out_dir = Path(out_dir)
     work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
+    began = time.perf_counter()
     train = split_samples(discover(data, categories), "train")
     new_categories = sorted({sample.category for sample in train})
     if base is not None and set(new_categories) & set(base.categories):
@@ -117,8 +118,10 @@ def fit_model(
         (fit_samples, calibration), selection = calibration_split(validation.samples), []
     excluded = {str(Path(image).resolve()) for image in exclude}
     fit_samples = [sample for sample in fit_samples if str(Path(sample.image).resolve()) not in excluded]
+    stages = {"validate": time.perf_counter() - began}
     ensure_ray()
     resources = resources or plan_resources()
+    stages["ray_start"] = time.perf_counter() - began - stages["validate"]
     logger.info("fit %s: %d images, %d held out for the threshold%s, %d skipped", method_name, len(fit_samples),
                 len(calibration), f", {len(selection)} to validate on" if selection else "", len(validation.skipped))
     context = FitContext(
@@ -134,6 +137,7 @@ def fit_model(
     started = time.perf_counter()
     method = distributed_fit(method, context)
     fit_s = time.perf_counter() - started
+    stages |= context.stage_s
     record = FitRecord(fit_s=fit_s, n_fit=len(fit_samples), n_calibration=len(calibration), skipped=validation.skipped,
                        extends=base.sha256 if base is not None else None)
     fitted_categories = new_categories
@@ -144,7 +148,10 @@ def fit_model(
     threshold, per_category = calibrate(out_dir, calibration, resources, context.calibration_scores)
     if base is not None:
         threshold, per_category = _extended_thresholds(base.config, threshold, per_category)
-    set_thresholds(out_dir, threshold, per_category)
+    stages["save_calibrate"] = time.perf_counter() - started - fit_s
+    set_thresholds(out_dir, threshold, per_category, fit=record.model_copy(update={"stages": stages}))
+    logger.info("fit %s: stages %s", method_name,
+                ", ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items()))
     logger.info("fit %s: done in %.1f s, threshold %s%s, model in %s", method_name, fit_s,
                 "none" if threshold is None else f"{threshold:.4g}",
                 "".join(f", {name} {value:.4g}" for name, value in per_category.items()) if len(per_category) > 1

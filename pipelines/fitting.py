@@ -109,6 +109,8 @@ class FitContext:
     validation: list[Sample] = dataclasses.field(default_factory=list)
     calibration: list[Sample] = dataclasses.field(default_factory=list)
     calibration_scores: np.ndarray | None = None
+    stage_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Seconds of the hook's own stages, by name, for the fit record (`FitRecord.stages`)."""
 
     def features(self) -> ray.data.Dataset:
         """Backbone features of the samples: from the shared cache when there is one, else streamed once."""

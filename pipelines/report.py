@@ -365,6 +365,8 @@ def timing_lines(timing: dict[str, Any]) -> list[str]:
     return [
         f"- backbone: {_cell(timing.get('extract_ms_per_image'), 1)} ms/image; method + map: "
         f"{_cell(timing.get('score_ms_per_image'), 1)} ms/image; fit: {_cell(timing.get('fit_s'), 1)} s",
+        *([f"- whole fit by stage: {', '.join(f'{name} {seconds:.1f} s' for name, seconds in stages.items())}"]
+          if (stages := timing.get("fit_stages_s")) else []),
         f"- bank: {_cell(timing.get('bank_vectors'))} vectors, {_cell(timing.get('bank_bytes'))} bytes",
         *([f"- search: {SearchChoice(**timing['search']).describe()}"] if timing.get("search") else []),
     ]
