@@ -48,6 +48,12 @@ logger = logging.getLogger(__name__)
 _MAX_DENSITY_RANK = 1024
 """Cap on m, the neighbour rank that sets the coverage radius: only bases under 0.1% of the data reach it, and it
 bounds the neighbour search (and stays within the k <= 2048 that FAISS GPU indexes search)."""
+_COVER_IVF_FROM = 50_000
+"""Kept-set size from which the coverage pass finds each vector's nearest kept one through IVF (`_nearest_kept`):
+below it the exact pass takes seconds; above, its cost (all candidates x the kept set) grew to minutes for one
+large category (benchmarks/RESULTS.md, "Unified vs per-category bank models")."""
+_COVER_NPROBE = 16
+"""IVF cells probed per vector in the coverage pass (of sqrt(kept) cells): misses only add representatives."""
 
 IVF_FROM_VECTORS = 2048
 """sgfr's basis gets an IVF index (index="auto") from this size on, far below patchcore's `knn.IVF_MIN_VECTORS`:
@@ -451,9 +457,18 @@ def _cover(vectors: torch.Tensor, ranking: torch.Tensor, n_keep: int, radius: fl
 
 
 def _nearest_kept(points: np.ndarray, kept: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distance from each query vector to its nearest kept vector, and that vector's index."""
-    distances, ids = knn.search(knn.build_index(points[kept], kind="flat"), points[queries], 1)
-    return np.sqrt(np.maximum(distances[:, 0], 0.0)), kept[ids[:, 0]]
+    """Distance from each query vector to a nearest kept vector, and that vector's index (-1, at infinity: none).
+
+    Kept sets of `_COVER_IVF_FROM` vectors or more are searched through an IVF index: the exact pass costs
+    queries x kept distances, which grows with the square of the data. An approximate neighbour is never nearer than
+    the true one, so the gap is an upper bound: a vector it calls covered is covered, and a miss only adds a
+    representative; the coverage guarantee of `sparse_sample` holds either way.
+    """
+    index = knn.build_index(points[kept], kind="auto", ivf_from=_COVER_IVF_FROM, nprobe=_COVER_NPROBE)
+    distances, ids = knn.search(index, points[queries], 1)
+    found = ids[:, 0] >= 0
+    gap = np.where(found, np.sqrt(np.maximum(distances[:, 0], 0.0)), np.inf)
+    return gap, np.where(found, kept[ids[:, 0]], -1)
 
 
 def _representatives(points: np.ndarray, uncovered: np.ndarray, gap: np.ndarray, radius: float) -> np.ndarray:

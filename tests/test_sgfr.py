@@ -12,7 +12,7 @@ from sklearn.linear_model import ElasticNet
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from reconray.methods import create_method, knn
+from reconray.methods import create_method, knn, sgfr
 from reconray.methods import sgfr as sgfr_module
 from reconray.methods.artifact import ModelSpec, load_artifact, save_artifact
 from reconray.methods.errors import NotFittedError, OptionError
@@ -107,6 +107,26 @@ def test_sparse_sampling_keeps_its_size_and_covers_every_vector() -> None:
     kept = sparse_sample(points, 120, k=8, sample_size=5000, coverage_quantile=0.95, seed=0)
     assert len(kept) == 120 and len(torch.unique(kept)) == 120
     _assert_covered(points.numpy(), kept.numpy(), _mth_neighbour_radius(points.numpy(), 120, 0.95))
+
+
+def test_sparse_sampling_covers_every_vector_with_an_approximate_kept_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large kept sets are searched through IVF in the coverage pass; its neighbours are never nearer than the true
+    ones, so every vector is still within the radius of the basis."""
+    built: list[str] = []
+    build_index = sgfr.knn.build_index
+
+    def recording_build_index(*args, **kwargs):
+        index = build_index(*args, **kwargs)
+        built.append(type(faiss.downcast_index(index)).__name__)
+        return index
+
+    monkeypatch.setattr(sgfr, "_COVER_IVF_FROM", 400)
+    monkeypatch.setattr(sgfr.knn, "build_index", recording_build_index)
+    points, _ = _subspaces(2400, seed=4)
+    kept = sparse_sample(points, 800, k=8, sample_size=5000, coverage_quantile=0.95, seed=0)
+    assert "IndexIVFFlat" in built
+    assert len(kept) >= 800 and len(torch.unique(kept)) == len(kept)
+    _assert_covered(points.numpy(), kept.numpy(), _mth_neighbour_radius(points.numpy(), 800, 0.95))
 
 
 def test_sparse_sampling_keeps_every_isolated_pattern_even_beyond_its_budget() -> None:
