@@ -55,7 +55,7 @@ def content_mask(content: torch.Tensor | np.ndarray, grid: Sequence[int], canvas
     """`(B, h, w)` bool: the cells of an `h` x `w` grid over the square canvas whose centre lies inside each image's
     `content` `(B, 2)` (height, width in canvas pixels, from the top-left; `canvas` the canvas side, by default the
     grid's own: a pixel map)."""
-    content = torch.as_tensor(np.asarray(content), dtype=torch.float64)
+    content = torch.tensor(np.asarray(content), dtype=torch.float64)  # a copy: Ray Data columns are read-only
     height, width = int(grid[0]), int(grid[1])
     rows = (torch.arange(height, dtype=torch.float64) + 0.5) * ((canvas or height) / height)
     cols = (torch.arange(width, dtype=torch.float64) + 0.5) * ((canvas or width) / width)
