@@ -68,10 +68,12 @@ def operator_seconds(events: list[dict[str, Any]]) -> dict[str, float]:
     for event in events:
         if event.get("ph") != "X":
             continue
+        category = str(event.get("cat", ""))  # "task::MapBatches(_decode_batch)", "task::MapWorker(...).__init__"
         for operator, marker in OPERATORS.items():
-            if marker in str(event.get("name", "")) or marker in json.dumps(event.get("args", {})):
-                busy[operator] += event["dur"] / 1e6
-                first[operator] = min(first.get(operator, float("inf")), event["ts"] / 1e6)
+            if marker in category:
+                name = f"{operator} actor start" if category.endswith(".__init__") else operator
+                busy[name] += event["dur"] / 1e6
+                first[name] = min(first.get(name, float("inf")), event["ts"] / 1e6)
     busy = dict(busy)
     if "decode" in first and "backbone" in first:
         busy["until_first_backbone_batch"] = first["backbone"] - first["decode"]
