@@ -30,7 +30,8 @@ from reconray.pipelines.synthetic import SyntheticConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["fabric", "nut"]
-TIMING_KEYS = {"extract_ms_per_image", "score_ms_per_image", "fit_s", "bank_vectors", "bank_bytes", "search"}
+TIMING_KEYS = {"extract_ms_per_image", "score_ms_per_image", "fit_s", "fit_stages_s", "bank_vectors", "bank_bytes",
+               "search"}
 
 
 def _figure_width(panels: int) -> int:

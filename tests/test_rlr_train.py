@@ -154,7 +154,7 @@ def test_with_a_validation_split_the_best_scoring_checkpoint_is_kept(features, t
     masks = np.zeros((4, 32, 32), np.uint8)
     masks[2:, 8:20, 8:20] = 1
     batch = {"level_0": fine, "level_1": coarse, "category": np.array(["stripes"] * 4), "label": np.array([0, 0, 1, 1]),
-             "gt_mask": masks}
+             "gt_mask": masks, "content": np.full((4, 2), 32, np.int32)}
     caplog.set_level("INFO", logger="reconray")
     method = _method(epochs=6, patience=2)
     fitted = train_rlr(features, method, tmp_path, _training(max_failures=0, checkpoint_every=10),
