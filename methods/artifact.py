@@ -188,13 +188,7 @@ def save_artifact(
 def load_artifact(directory: str | Path) -> Artifact:
     """Loads an artifact written by `save_artifact`, after checking the schema and every file's sha256."""
     directory = Path(directory)
-    config = read_config(directory)
-    for name, expected in config.sha256.items():
-        path = directory / name
-        if not path.is_file():
-            raise ArtifactError(f"{path}: file listed in {CONFIG_FILE} is missing")
-        if _sha256(path) != expected:
-            raise ArtifactError(f"{path}: sha256 does not match {CONFIG_FILE} (file truncated or modified)")
+    config = verify_files(directory)
     method_class = METHODS.get(config.method)
     if method_class is None:
         raise ArtifactError(f"{directory}: unknown method {config.method!r}; known: {sorted(METHODS)}")
@@ -208,6 +202,19 @@ def load_artifact(directory: str | Path) -> Artifact:
     method = ExtendedBank.from_state(state, method_class) if is_extended(config.method_info) else \
         method_class.from_state(state)
     return Artifact(method=method, config=config, sha256=_sha256(directory / CONFIG_FILE))
+
+
+def verify_files(directory: str | Path) -> ArtifactConfig:
+    """The artifact's config, after checking that every file it lists is there with its recorded sha256."""
+    directory = Path(directory)
+    config = read_config(directory)
+    for name, expected in config.sha256.items():
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: file listed in {CONFIG_FILE} is missing")
+        if _sha256(path) != expected:
+            raise ArtifactError(f"{path}: sha256 does not match {CONFIG_FILE} (file truncated or modified)")
+    return config
 
 
 def set_thresholds(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from reconray.methods.backbone import (
 from reconray.methods.errors import OptionError, ReconrayError
 from reconray.pipelines.console import console_session, table
 from reconray.pipelines.serve_options import ServeOptions
+from reconray.pipelines.storage import is_uri, joined
 
 logger = logging.getLogger("reconray.cli")
 
@@ -63,6 +65,11 @@ def _serve_default(name: str) -> object:
     return ServeOptions.model_fields[name].default
 
 
+def _location(text: str) -> Path | str:
+    """A local path as a `Path`, a URI (s3://, gs://) kept as text: `Path` would fold its `//`."""
+    return text if is_uri(text) else Path(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reconray", description="Industrial visual anomaly detection on Ray.")
     parser.add_argument("--version", action="version", version=f"reconray {__version__}")
@@ -80,11 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--method", choices=sorted(METHODS), help="required unless --config names it")
     fit.add_argument("--config", type=Path, help="a setting to fit, e.g. the best.yaml of `reconray tune`: method, "
                      "options, levels, image_size, aggregation, pool (flags and --set given here win)")
-    fit.add_argument("--out", required=True, type=Path, help="artifact directory to write")
-    fit.add_argument("--add-to", type=Path, metavar="MODEL",
+    fit.add_argument("--out", required=True, type=_location, help="artifact directory or URI (s3://...) to write")
+    fit.add_argument("--add-to", type=_location, metavar="MODEL",
                      help="extend this bank-method model (patchcore, sgfr) with the new categories of --data, leaving "
                      "its existing categories' scores unchanged; method, options and features are MODEL's")
-    fit.add_argument("--work-dir", type=Path,
+    fit.add_argument("--work-dir", type=_location,
                      help="feature cache, checkpoints and log (default <out>-work, beside the artifact)")
     fit.add_argument("--categories", help="comma-separated subset of categories")
     fit.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm model name (default %(default)s)")
@@ -127,24 +134,30 @@ def _parser() -> argparse.ArgumentParser:
     _feature_arguments(tune_parser)
 
     evaluate = commands.add_parser("evaluate", parents=[common], help="metrics, report and heatmaps on a test split")
-    evaluate.add_argument("--model", required=True, type=Path)
-    evaluate.add_argument("--data", required=True)
-    evaluate.add_argument("--out", required=True, type=Path)
+    evaluate.add_argument("--model", required=True, type=_location, help="artifact directory or URI")
+    evaluate.add_argument("--data", required=True, help="dataset folder, split CSV or URI")
+    evaluate.add_argument("--out", required=True, type=_location, help="output directory or URI")
     evaluate.add_argument("--categories")
     evaluate.add_argument("--on-bad-image", choices=("error", "skip"), default="error")
 
     predict = commands.add_parser("predict", parents=[common], help="score images, write predictions.json and heatmaps")
-    predict.add_argument("--model", required=True, type=Path)
-    predict.add_argument("--out", required=True, type=Path)
+    predict.add_argument("--model", required=True, type=_location, help="artifact directory or URI")
+    predict.add_argument("--out", required=True, type=_location, help="output directory or URI")
     predict.add_argument("--threshold", type=float, help="override the model's calibrated threshold")
     predict.add_argument("--category", help="decide with the threshold calibrated for this category of the model "
                          "(default: the global threshold)")
-    predict.add_argument("images", nargs="+", help="image files, folders (the images directly in them, sorted) or glob "
-                         "patterns (quote them; ** recurses); each image is scored once")
+    predict.add_argument("--heatmaps", choices=("none", "anomalous", "all"),
+                         help="heatmap figures for every image, the anomalous ones or none (default: all with JSON "
+                         "output, anomalous with Parquet)")
+    predict.add_argument("--format", choices=("auto", "json", "parquet"), default="auto",
+                         help="predictions.json, or predictions.parquet streamed batch by batch (default auto: Parquet "
+                         "beyond 1000 images)")
+    predict.add_argument("images", nargs="+", help="image files, folders (the images directly in them, sorted), glob "
+                         "patterns (quote them; ** recurses) or CSV lists, local or URIs; each image is scored once")
 
     serve = commands.add_parser("serve", parents=[common],
                                 help="online scoring over HTTP with Ray Serve (blocks until Ctrl-C)")
-    serve.add_argument("--model", required=True, type=Path)
+    serve.add_argument("--model", required=True, type=_location, help="artifact directory or URI")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--min-replicas", type=int, help=f"default {_serve_default('min_replicas')}")
@@ -206,10 +219,14 @@ def _default_log_file(args: argparse.Namespace) -> Path:
     if args.command == "fit":
         from reconray.pipelines.fitting import work_dir_for
 
-        return (args.work_dir or work_dir_for(args.out)) / LOG_FILE
-    if args.command == "serve":
+        folder = args.work_dir or work_dir_for(args.out)
+    elif args.command == "serve":
         return Path(tempfile.gettempdir()) / "reconray" / f"serve-{args.port}.log"
-    return args.out / LOG_FILE
+    else:
+        folder = args.out
+    if is_uri(folder):  # a log is appended line by line: it stays on the machine that ran the command
+        return Path(tempfile.gettempdir()) / "reconray" / f"{args.command}-{os.getpid()}.log"
+    return Path(folder) / LOG_FILE
 
 
 def _dispatch(args: argparse.Namespace) -> None:
@@ -258,17 +275,20 @@ def _dispatch(args: argparse.Namespace) -> None:
         names = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
         rows = [[category, *(values[name] for name in names)] for category, values in metrics["categories"].items()]
         rows.append(["mean", *(metrics["mean"][name] for name in names)])
-        logger.info("\n%s\n\nreport: %s", table(["category", *names], rows), args.out / "report.md")
+        logger.info("\n%s\n\nreport: %s", table(["category", *names], rows), joined(args.out, "report.md"))
     elif args.command == "predict":
         from reconray.pipelines.evaluate import predict_images
 
         predictions = predict_images(args.model, args.images, args.out, threshold=args.threshold,
-                                     category=args.category)
+                                     category=args.category, heatmaps=args.heatmaps, output=args.format)
+        if not isinstance(predictions, list):
+            logger.info("%d predictions, %d anomalous: %s", predictions.count, predictions.anomalous, predictions.path)
+            return
         shown = predictions[:_PREDICTIONS_SHOWN]
         rows = [[prediction["image"], prediction["score"], prediction["is_anomalous"]] for prediction in shown]
         more = f"\n... and {len(predictions) - len(shown)} more" if len(predictions) > len(shown) else ""
         logger.info("\n%s%s\n\npredictions: %s", table(["image", "score", "anomalous"], rows), more,
-                    args.out / "predictions.json")
+                    joined(args.out, "predictions.json"))
     elif args.command == "serve":
         from reconray.pipelines.serve import serve_model
 

@@ -13,10 +13,11 @@ extraction, and either stops the run (`on_bad_image="error"`) or is skipped and 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from PIL import Image
 
 from reconray.methods.errors import DatasetError, OptionError
 from reconray.pipelines.console import stage
+from reconray.pipelines.storage import as_location, is_uri, open_binary, storage_errors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NORMAL = "good"
@@ -43,11 +45,15 @@ class Sample:
 
 
 def discover(data: str | Path, categories: Sequence[str] | None = None) -> list[Sample]:
-    """Finds every sample under `data`, whatever its layout; `categories` keeps a subset (all when None)."""
-    path = Path(data).expanduser().resolve()
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file or folder")
-    samples = _discover_layout(path)
+    """Finds every sample under `data`, whatever its layout; `categories` keeps a subset (all when None).
+
+    `data` is a local path or a URI (`s3://bucket/prefix`): a bucket prefix is browsed exactly like a folder.
+    """
+    path = as_location(data)
+    with storage_errors(data, DatasetError):
+        if not path.exists():
+            raise (FileNotFoundError(str(data)) if is_uri(data) else DatasetError(f"{path}: no such file or folder"))
+        samples = _discover_layout(path)
     found = sorted({sample.category for sample in samples})
     if categories:
         missing = sorted(set(categories) - set(found))
@@ -221,7 +227,7 @@ def _problem_of(sample: Sample) -> tuple[str, str, bool] | None:
     except (OSError, ValueError) as error:
         return sample.image, f"unreadable image ({error})", False
     if sample.label == 1 and sample.split == "test":
-        if sample.mask is None or not Path(sample.mask).exists():
+        if sample.mask is None or not as_location(sample.mask).exists():
             return sample.mask or sample.image, "defective test image has no mask file", True
         try:
             mask_size = load_mask(sample.mask).shape
@@ -249,7 +255,7 @@ def decode_rgb(source: bytes | str | Path, max_side: int | None = None) -> np.nd
         max_side: largest accepted width or height; checked from the header alone, so an oversized image is refused
             (`ImageTooLargeError`) before its pixels take any memory. None accepts any size.
     """
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+    with _opened_image(source) as image:
         if max_side is not None and max(image.size) > max_side:
             width, height = image.size
             raise ImageTooLargeError(f"image is {width}x{height} pixels; the limit is {max_side} pixels a side")
@@ -274,7 +280,19 @@ def decode_rgb(source: bytes | str | Path, max_side: int | None = None) -> np.nd
 
 def load_mask(path: str | Path) -> np.ndarray:
     """Decodes a ground-truth mask to `(H, W)` bool: any channel above half of the mask's range is defect."""
-    with Image.open(path) as image:
+    with _opened_image(path) as image:
         values = np.asarray(image) if image.mode in ("L", "1", "I;16", "I") else np.asarray(image.convert("RGB")).max(2)
     values = values.astype(np.float32)
     return values > (values.max() / 2 if values.max() > 1 else 0.5)
+
+
+@contextlib.contextmanager
+def _opened_image(source: bytes | str | Path) -> Iterator[Image.Image]:
+    """Pillow's image of encoded bytes, a local file or an object behind a URI; the file is closed afterwards."""
+    handle = io.BytesIO(source) if isinstance(source, bytes) else open_binary(source)
+    try:
+        with Image.open(handle) as image:
+            yield image
+    finally:
+        if not isinstance(handle, str):
+            handle.close()

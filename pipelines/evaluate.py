@@ -6,26 +6,46 @@ here equals the score `reconray serve` returns for the same image.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
-import glob
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from reconray.methods.artifact import read_config
-from reconray.methods.errors import DatasetError
+from reconray.methods.artifact import ArtifactConfig, read_config
+from reconray.methods.errors import DatasetError, OptionError
 from reconray.methods.metrics import compute_metrics, mean_metrics
 from reconray.methods.scoring import content_mask, is_anomalous
 from reconray.pipelines.console import stage
-from reconray.pipelines.datasets import IMAGE_SUFFIXES, Sample, decode_rgb, discover, images_in, split_samples, validate
+from reconray.pipelines.datasets import (
+    IMAGE_SUFFIXES,
+    Sample,
+    Validation,
+    decode_rgb,
+    discover,
+    images_in,
+    split_samples,
+    validate,
+)
 from reconray.pipelines.ingest import Resources, plan_resources, score_dataset
 from reconray.pipelines.report import method_report, render_figure, safe_name, with_parent, write_json
 from reconray.pipelines.runtime import ensure_ray
+from reconray.pipelines.storage import (
+    as_location,
+    glob_locations,
+    is_uri,
+    joined,
+    local_model,
+    staged_output,
+    storage_errors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +86,24 @@ def evaluate_model(
     Returns the metrics of metrics.json plus `heatmaps` (per category, the figures' entries) and `scores` (per
     category, every image's `{"image", "label", "score"}`), which `comparison_report` takes to compare methods.
     """
-    config = read_config(model_dir)
+    config = read_config(local_model(model_dir))
     test = split_samples(discover(data, categories), "test")
     validation = validate(test, on_bad_image)
     ensure_ray()
     resources = resources or plan_resources()
-    out_dir = Path(out_dir)
+    with staged_output(out_dir) as local_out:
+        metrics = _evaluate(config, str(model_dir), validation, resources, local_out)
+    logger.info("evaluation of %s written to %s", config.method, out_dir)
+    return metrics
+
+
+def _evaluate(
+    config: ArtifactConfig, model_dir: str, validation: Validation, resources: Resources, out_dir: Path
+) -> dict[str, Any]:
+    """`evaluate_model`'s scoring and writing, into a local folder."""
     per_category: dict[str, _CategoryScores] = defaultdict(_CategoryScores)
     extract_ms, score_ms = [], []
-    scored = score_dataset(str(model_dir), validation.samples, resources, masks=True)
+    scored = score_dataset(model_dir, validation.samples, resources, masks=True)
     with stage(f"evaluate {config.method}", total=len(validation.samples)) as advance:
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
             _collect(batch, per_category)
@@ -120,7 +149,6 @@ def evaluate_model(
     skipped = validation.skipped + [{**entry, "problem": f"{entry['problem']} (skipped in fit)"}
                                     for entry in metrics["skipped_in_fit"]]
     (out_dir / "report.md").write_text(method_report(metrics, heatmaps, skipped, out_dir, image_scores))
-    logger.info("evaluation of %s written to %s", config.method, out_dir)
     return metrics | {"heatmaps": heatmaps, "scores": image_scores}
 
 
@@ -167,49 +195,111 @@ def _write_heatmaps(out_dir: Path, category: str, scores: _CategoryScores, thres
     return entries
 
 
+HEATMAP_CHOICES = ("none", "anomalous", "all")
+JSON_MAX_IMAGES = 1000
+"""`reconray predict --format auto` writes predictions.json up to this many images, predictions.parquet beyond."""
+_PARQUET_SCHEMA = pa.schema([("index", pa.int64()), ("image", pa.string()), ("score", pa.float64()),
+                             ("is_anomalous", pa.bool_()), ("threshold", pa.float64()), ("heatmap", pa.string())])
+
+
 def predict_images(
     model_dir: str | Path, images: Sequence[str | Path], out_dir: str | Path, threshold: float | None = None,
-    resources: Resources | None = None, category: str | None = None,
-) -> list[dict[str, Any]]:
-    """Scores `images`, writes heatmap figures and `predictions.json` to `out_dir`; returns the predictions.
+    resources: Resources | None = None, category: str | None = None, heatmaps: str | None = None,
+    output: str = "json",
+) -> list[dict[str, Any]] | ParquetPredictions:
+    """Scores `images` and writes their predictions and heatmap figures to `out_dir`.
 
-    `images` may name files, folders and glob patterns (see `expand_images`); every image is scored once, in the
-    order they were named. A missing path or a pattern without a match raises `DatasetError` before any Ray work.
-    The verdicts use `threshold` if given, else the threshold calibrated for `category` (an `OptionError` when the
-    model was not fitted on it), else the model's global one; a model extended with `--add-to` also scores the
-    images with the part fitted on `category`.
+    `images` may name files, folders, glob patterns and CSV lists, local or URIs (see `expand_images`); every image is
+    scored once. A missing path or a pattern without a match raises `DatasetError` before any Ray work. The verdicts
+    use `threshold` if given, else the threshold calibrated for `category` (an `OptionError` when the model was not
+    fitted on it), else the model's global one; a model extended with `--add-to` also scores the images with the
+    part fitted on `category`. `heatmaps` writes a figure for every image ("all"), the anomalous ones or none.
+
+    `output="json"` writes `predictions.json` in the order the images were named and returns the predictions
+    (heatmaps default "all"). `"parquet"` appends each scored batch to `predictions.parquet` as it arrives (an
+    `index` column keeps the order), so the driver holds one batch however many images there are, and returns a
+    `ParquetPredictions` summary (heatmaps default "anomalous"). `"auto"` is Parquet beyond `JSON_MAX_IMAGES`.
     """
+    if output not in ("json", "parquet", "auto"):
+        raise OptionError(f"output must be json, parquet or auto, got {output!r}")
     paths = expand_images(images)
-    config = read_config(model_dir)
+    parquet = output == "parquet" or (output == "auto" and len(paths) > JSON_MAX_IMAGES)
+    heatmaps = heatmaps or ("anomalous" if parquet else "all")
+    if heatmaps not in HEATMAP_CHOICES:
+        raise OptionError(f"heatmaps must be one of {HEATMAP_CHOICES}, got {heatmaps!r}")
+    samples, threshold, resources = _prediction_setup(model_dir, paths, threshold, resources, category)
+    with staged_output(out_dir) as local_out:
+        batches = _predictions(str(model_dir), samples, threshold, resources, heatmaps, local_out, out_dir)
+        written = _write_parquet(batches, local_out, out_dir) if parquet else _write_json(batches, local_out)
+    logger.info("%d predictions written to %s", written.count if parquet else len(written),
+                joined(out_dir, "predictions.parquet" if parquet else "predictions.json"))
+    return written
+
+
+@dataclasses.dataclass(frozen=True)
+class ParquetPredictions:
+    """Where a Parquet predict run wrote its predictions, how many, and how many were anomalous."""
+
+    path: str
+    count: int
+    anomalous: int
+
+
+def _write_json(batches: Iterator[list[dict[str, Any]]], local_out: Path) -> list[dict[str, Any]]:
+    predictions = sorted((prediction for rows in batches for prediction in rows), key=lambda row: row["index"])
+    for prediction in predictions:
+        del prediction["index"]
+    write_json(local_out / "predictions.json", predictions)
+    return predictions
+
+
+def _write_parquet(batches: Iterator[list[dict[str, Any]]], local_out: Path, out_dir: str | Path) -> ParquetPredictions:
+    count = anomalous = 0
+    with pq.ParquetWriter(with_parent(local_out / "predictions.parquet"), _PARQUET_SCHEMA) as writer:
+        for rows in batches:
+            writer.write_table(pa.Table.from_pylist(rows, schema=_PARQUET_SCHEMA))
+            count += len(rows)
+            anomalous += sum(bool(row["is_anomalous"]) for row in rows)
+    return ParquetPredictions(joined(out_dir, "predictions.parquet"), count, anomalous)
+
+
+def _prediction_setup(
+    model_dir: str | Path, paths: Sequence[Any], threshold: float | None, resources: Resources | None,
+    category: str | None,
+) -> tuple[list[Sample], float | None, Resources]:
+    """The validated samples, the deciding threshold and the resources of a predict run, before any scoring."""
+    config = read_config(local_model(model_dir))
     calibrated = config.threshold_for(category)
     threshold = calibrated if threshold is None else threshold
     samples = validate([Sample(str(path), category or "", "test", 0) for path in paths]).samples
-    position = {sample.image: index for index, sample in enumerate(samples)}
     ensure_ray()
-    resources = resources or plan_resources()
-    out_dir = Path(out_dir)
-    by_image: dict[str, dict[str, Any]] = {}
-    scored = score_dataset(str(model_dir), samples, resources)
+    return samples, threshold, resources or plan_resources()
+
+
+def _predictions(
+    model_dir: str, samples: list[Sample], threshold: float | None, resources: Resources, heatmaps: str,
+    local_out: Path, out_dir: str | Path,
+) -> Iterator[list[dict[str, Any]]]:
+    """The predictions of each scored batch, with their input `index`; heatmap figures are written into `local_out`
+    and named where they end up, `out_dir`."""
+    position = {sample.image: index for index, sample in enumerate(samples)}
+    scored = score_dataset(model_dir, samples, resources)
     with stage("predict", total=len(samples)) as advance:
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            rows = []
             for row in range(len(batch["image"])):
-                height, width = batch["content"][row]
-                image, anomaly_map = str(batch["image"][row]), batch["anomaly_map"][row][:height, :width]
-                score = float(batch["image_score"][row])
-                heatmap = with_parent(out_dir / "heatmaps" / f"{position[image]:04d}_{Path(image).stem}.png")
-                render_figure(decode_rgb(image), anomaly_map, score, threshold).save(heatmap)
-                by_image[image] = {
-                    "image": image,
-                    "score": score,
-                    "is_anomalous": is_anomalous(score, threshold),
-                    "threshold": threshold,
-                    "heatmap": str(heatmap),
-                }
-            advance(len(batch["image"]))
-    predictions = [by_image[sample.image] for sample in samples]
-    write_json(out_dir / "predictions.json", predictions)
-    logger.info("%d predictions written to %s", len(predictions), out_dir / "predictions.json")
-    return predictions
+                image, score = str(batch["image"][row]), float(batch["image_score"][row])
+                anomalous = is_anomalous(score, threshold)
+                heatmap = None
+                if heatmaps == "all" or (heatmaps == "anomalous" and anomalous):
+                    height, width = batch["content"][row]
+                    heatmap = f"heatmaps/{position[image]:04d}_{Path(image).stem}.png"
+                    render_figure(decode_rgb(image), batch["anomaly_map"][row][:height, :width], score,
+                                  threshold).save(with_parent(local_out / heatmap))
+                rows.append({"index": position[image], "image": image, "score": score, "is_anomalous": anomalous,
+                             "threshold": threshold, "heatmap": heatmap and joined(out_dir, heatmap)})
+            advance(len(rows))
+            yield rows
 
 
 def expand_images(images: Sequence[str | Path]) -> list[Path]:
@@ -218,7 +308,8 @@ def expand_images(images: Sequence[str | Path]) -> list[Path]:
     A file is taken as it is (validation reports it if it is not an image). A folder gives the image files directly
     in it (suffix in `IMAGE_SUFFIXES`, sorted), not those of its subfolders, so a dataset folder does not pull in its
     ground-truth masks; a pattern with `**` recurses on purpose. Any other argument with `*`, `?` or `[` is a glob
-    pattern (`**` spans folders) and gives its matching image files, sorted.
+    pattern (`**` spans folders) and gives its matching image files, sorted. A `.csv` file is a list: its `image`
+    column (or, without that header, its first column), paths relative to the CSV's folder. Each may be a URI.
 
     Raises:
         DatasetError: naming an argument that does not exist, a folder without images or a pattern that matches no
@@ -231,20 +322,39 @@ def expand_images(images: Sequence[str | Path]) -> list[Path]:
 
 
 def _images_named(argument: str) -> list[Path]:
-    """The image files of one predict argument (a file, a folder or a glob pattern); never empty."""
-    path = Path(argument).expanduser()
+    """The image files of one predict argument (a file, a folder, a glob pattern or a CSV list); never empty."""
+    path = as_location(argument) if is_uri(argument) else Path(argument).expanduser()
+    with storage_errors(argument, DatasetError):
+        return _images_at(argument, path)
+
+
+def _images_at(argument: str, path: Any) -> list[Any]:
     suffixes = ", ".join(IMAGE_SUFFIXES)
     if path.is_dir():
         in_folder = images_in(path)
         if not in_folder:
             raise DatasetError(f"{path}: folder holds no image files (suffixes {suffixes})")
         return in_folder
+    if path.suffix.lower() == ".csv" and path.is_file():
+        return _images_listed(path)
     if path.exists():
         return [path]
     if not _GLOB_MAGIC.search(argument):
         raise DatasetError(f"{path}: no such file or folder")
-    matches = sorted(Path(match) for match in glob.glob(str(path), recursive=True))
+    matches = glob_locations(str(path))
     matched = [match for match in matches if match.is_file() and match.suffix.lower() in IMAGE_SUFFIXES]
     if not matched:
         raise DatasetError(f"{argument}: pattern matches no image files (suffixes {suffixes})")
     return matched
+
+
+def _images_listed(table: Any) -> list[Any]:
+    """The images a CSV list names (its `image` column, else its first), relative to the CSV's folder."""
+    with table.open(newline="") as handle:
+        rows = [row for row in csv.reader(handle) if row and row[0].strip()]
+    header = [cell.strip().lower() for cell in rows[0]] if rows else []
+    column = header.index("image") if "image" in header else 0
+    named = [row[column].strip() for row in rows[1 if "image" in header else 0:] if len(row) > column]
+    if not named:
+        raise DatasetError(f"{table}: the CSV list names no images")
+    return [as_location(name) if is_uri(name) or Path(name).is_absolute() else table.parent / name for name in named]

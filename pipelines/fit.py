@@ -39,6 +39,7 @@ from reconray.pipelines.datasets import Sample, discover, split_samples, validat
 from reconray.pipelines.fitting import FitContext, TrainConfig, distributed_fit, work_dir_for
 from reconray.pipelines.ingest import Resources, plan_resources, score_dataset
 from reconray.pipelines.runtime import ensure_ray
+from reconray.pipelines.storage import as_location, is_uri, joined, local_model, staged_output, upload
 from reconray.pipelines.validation import calibration_split, carve, paint_validation_set
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class FitResult:
-    model_dir: Path
+    model_dir: str | Path
     method: str
     fit_s: float
     threshold: float | None
@@ -90,7 +91,7 @@ def fit_model(
     method, its options and the feature spec are the artifact's (`method_name`, `options` and the feature settings
     are then ignored), the existing categories keep their parts and thresholds, and `out_dir` gets the new model.
     """
-    base = load_artifact(add_to) if add_to is not None else None  # hash-checked before anything is fitted
+    base = load_artifact(local_model(add_to)) if add_to is not None else None  # hash-checked before the fit
     if base is not None:
         check_extensible(base.method)
         method_name, spec = base.config.method, base.spec
@@ -102,8 +103,8 @@ def fit_model(
         mean, std = backbone_normalization(backbone, weights)
         spec = ModelSpec(backbone, list(levels), image_size, list(mean), list(std), weights, aggregation, pool, resize,
                          tile)
-    out_dir = Path(out_dir)
-    work_dir = Path(work_dir) if work_dir else work_dir_for(out_dir)
+    out_dir = out_dir if is_uri(out_dir) else Path(out_dir)
+    work_dir = as_location(work_dir) if work_dir else work_dir_for(out_dir)
     began = time.perf_counter()
     train = split_samples(discover(data, categories), "train")
     new_categories = sorted({sample.category for sample in train})
@@ -116,8 +117,8 @@ def fit_model(
         fit_samples, calibration, selection = _selection_split(method_name, validation.samples, work_dir)
     else:
         (fit_samples, calibration), selection = calibration_split(validation.samples), []
-    excluded = {str(Path(image).resolve()) for image in exclude}
-    fit_samples = [sample for sample in fit_samples if str(Path(sample.image).resolve()) not in excluded]
+    excluded = {str(as_location(image)) for image in exclude}
+    fit_samples = [sample for sample in fit_samples if str(as_location(sample.image)) not in excluded]
     stages = {"validate": time.perf_counter() - began}
     ensure_ray()
     resources = resources or plan_resources()
@@ -144,12 +145,15 @@ def fit_model(
     if base is not None:
         method = ExtendedBank.extending(base.method, base.categories, method, new_categories)
         fitted_categories = sorted([*base.categories, *new_categories])
-    save_artifact(out_dir, method, spec, threshold=None, categories=fitted_categories, fit=record)
-    threshold, per_category = calibrate(out_dir, calibration, resources, context.calibration_scores)
-    if base is not None:
-        threshold, per_category = _extended_thresholds(base.config, threshold, per_category)
-    stages["save_calibrate"] = time.perf_counter() - started - fit_s
-    set_thresholds(out_dir, threshold, per_category, fit=record.model_copy(update={"stages": stages}))
+    with staged_output(out_dir) as local_out:
+        save_artifact(local_out, method, spec, threshold=None, categories=fitted_categories, fit=record)
+        if is_uri(out_dir) and context.calibration_scores is None:
+            upload(local_out, out_dir)  # the actors that calibrate it fetch it from there, on whichever node
+        threshold, per_category = calibrate(out_dir, calibration, resources, context.calibration_scores)
+        if base is not None:
+            threshold, per_category = _extended_thresholds(base.config, threshold, per_category)
+        stages["save_calibrate"] = time.perf_counter() - started - fit_s
+        set_thresholds(local_out, threshold, per_category, fit=record.model_copy(update={"stages": stages}))
     logger.info("fit %s: stages %s", method_name,
                 ", ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items()))
     logger.info("fit %s: done in %.1f s, threshold %s%s, model in %s", method_name, fit_s,
@@ -172,7 +176,7 @@ def _extended_thresholds(
 
 
 def _selection_split(
-    method_name: str, samples: Sequence[Sample], work_dir: Path
+    method_name: str, samples: Sequence[Sample], work_dir: Any
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """Fit, calibration and painted validation images for a method that chooses its training state on a validation
     split (`validation.carve`: the calibration images are the ones `calibration_split` holds out)."""
@@ -181,11 +185,25 @@ def _selection_split(
     except DatasetError as error:
         raise DatasetError(f"{error}; {method_name} keeps the checkpoint that scores best on a validation split of "
                            "the training images: --set select=last trains on every image instead") from error
-    return carving.fit, carving.calibration, paint_validation_set(carving.validation, work_dir / "validation")
+    target = work_dir / "validation"
+    if not is_uri(target):
+        return carving.fit, carving.calibration, paint_validation_set(carving.validation, target)
+    with staged_output(str(target)) as local:  # painted here, uploaded for the workers of every node to read
+        painted = paint_validation_set(carving.validation, local)
+    return carving.fit, carving.calibration, [_moved(sample, local, str(target)) for sample in painted]
+
+
+def _moved(sample: Sample, local: Path, uri: str) -> Sample:
+    """`sample` with its files under the folder `local` named where they were uploaded to, under `uri`."""
+    def moved(location: str | None) -> str | None:
+        inside = location is not None and Path(location).is_relative_to(local)
+        return joined(uri, Path(location).relative_to(local).as_posix()) if inside else location
+
+    return dataclasses.replace(sample, image=moved(sample.image), mask=moved(sample.mask))
 
 
 def calibrate(
-    model_dir: Path, calibration: Sequence[Sample], resources: Resources, scores: np.ndarray | None = None
+    model_dir: str | Path, calibration: Sequence[Sample], resources: Resources, scores: np.ndarray | None = None
 ) -> tuple[float | None, dict[str, float]]:
     """The global threshold (None without any held-out image) and one threshold per category that held images out,
     from the held-out normal images' `scores` when the fit scored them in its own pass, else scored here with the

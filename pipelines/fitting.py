@@ -31,6 +31,7 @@ from reconray.methods.base import AnomalyMethod
 from reconray.methods.errors import OptionError
 from reconray.pipelines.datasets import Sample
 from reconray.pipelines.ingest import Resources, feature_dataset, level_columns
+from reconray.pipelines.storage import as_location, is_uri, modified_time
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,14 @@ def worker_cpus(training: TrainConfig) -> float:
     return max([node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]] or [1.0])
 
 
-def work_dir_for(out_dir: Path) -> Path:
-    """Default work directory of a fit: beside the artifact, never inside it, so shipping a model ships no cache."""
+def work_dir_for(out_dir: str | Path) -> Any:
+    """Default work directory of a fit: beside the artifact, never inside it, so shipping a model ships no cache.
+
+    For an artifact written to a URI it is the URI `<out>-work`: the feature cache and Ray Train's checkpoints are
+    written by workers on every node, so they must live where every node reaches.
+    """
+    if is_uri(out_dir):
+        return as_location(f"{str(out_dir).rstrip('/')}-work")
     out_dir = Path(out_dir)
     return out_dir.parent / f"{out_dir.name}-work"
 
@@ -89,7 +96,8 @@ class FitContext:
         samples: the normal training images to fit on (the calibration hold-out already removed).
         spec: how images become features.
         resources: actor pool and batch sizes for Ray Data.
-        work_dir: training byproducts (feature cache, Ray Train checkpoints), beside the artifact.
+        work_dir: training byproducts (feature cache, Ray Train checkpoints), beside the artifact; a `Path`, or a
+            `UPath` for object storage (`storage.as_location`).
         training: Ray Train scheduling, for methods that train.
         feature_cache: a feature cache folder shared by several fits of the same images (None: `work_dir/cache`
             when a method needs a cache, and streamed features otherwise).
@@ -103,7 +111,7 @@ class FitContext:
     samples: list[Sample]
     spec: ModelSpec
     resources: Resources
-    work_dir: Path
+    work_dir: Any
     training: TrainConfig = TrainConfig()
     feature_cache: Path | None = None
     validation: list[Sample] = dataclasses.field(default_factory=list)
@@ -168,7 +176,7 @@ class FitContext:
         return json.dumps({
             "spec": dataclasses.asdict(self.spec),
             "columns": cache_columns(self.spec),
-            "images": sorted((sample.image, Path(sample.image).stat().st_mtime) for sample in self.samples),
+            "images": sorted((sample.image, modified_time(sample.image)) for sample in self.samples),
         })
 
 

@@ -23,6 +23,7 @@ from reconray.methods.device import pick_device
 from reconray.methods.errors import DatasetError
 from reconray.pipelines.console import stage
 from reconray.pipelines.datasets import Sample, decode_rgb, load_mask
+from reconray.pipelines.storage import local_model
 
 LEVEL_COLUMN = "level_{}"
 """Feature rows hold one column per backbone level, finest first: `level_0`, `level_1`, ... each `(C, h, w)` float32."""
@@ -46,14 +47,18 @@ class Resources:
 
 
 def plan_resources(batch_size: int = 16) -> Resources:
-    """Sizes the actor pool from the cluster: one actor per GPU, else 2-CPU actors on three quarters of the CPUs."""
+    """Sizes the actor pool from the cluster's nodes: one actor per GPU, else actors on three quarters of each node's
+    CPUs (one per node up to 4 CPUs, 2-CPU actors on bigger nodes). Every actor must fit on one node, so the actor
+    size is the smallest node's; two 1-CPU nodes get one 0.75-CPU actor each, never one 1.5-CPU actor no node holds."""
     available = ray.cluster_resources()
-    cpus, gpus = float(available.get("CPU", 1)), int(available.get("GPU", 0))
+    gpus = int(available.get("GPU", 0))
     if gpus:
         return Resources(gpus, 1.0, 1.0, 0.5, batch_size)
-    if cpus <= 4:
-        return Resources(1, cpus * 0.75, 0.0, cpus * 0.25, batch_size)
-    return Resources(max(1, int(cpus * 0.75 // 2)), 2.0, 0.0, 0.5, batch_size)
+    node_cpus = [float(node["Resources"].get("CPU", 0.0)) for node in ray.nodes() if node["Alive"]]
+    node_cpus = [cpus for cpus in node_cpus if cpus > 0] or [float(available.get("CPU", 1))]
+    size = min(cpus * 0.75 if cpus <= 4 else 2.0 for cpus in node_cpus)
+    actors = sum(max(1, int(cpus * 0.75 // size + 1e-9)) for cpus in node_cpus)
+    return Resources(actors, size, 0.0, min(0.5, min(node_cpus) * 0.25), batch_size)
 
 
 def sample_rows(samples: Sequence[Sample]) -> list[dict[str, Any]]:
@@ -113,7 +118,7 @@ def score_dataset(
     model_dir: str, samples: Sequence[Sample], resources: Resources, masks: bool = False, threshold: float | None = None
 ) -> ray.data.Dataset:
     """Rows with `image_score`, `anomaly_map` `(S, S)` and per-image timings, scored by the artifact's `Scorer`."""
-    spec = read_config(model_dir).spec
+    spec = read_config(local_model(model_dir)).spec
     return image_dataset(samples, spec, resources, masks=masks).map_batches(
         _ScoreActor,
         fn_constructor_kwargs={"model_dir": str(model_dir), "threads": resources.torch_threads},
@@ -190,7 +195,7 @@ class _ScoreActor:
 
     def __init__(self, model_dir: str, threads: int) -> None:
         torch.set_num_threads(threads)
-        self.scorer = load_artifact(model_dir).scorer(pick_device())
+        self.scorer = load_artifact(local_model(model_dir)).scorer(pick_device())  # a URI: fetched on this node
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = batch.pop("pixels")

@@ -30,7 +30,6 @@ import time
 import zlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +55,7 @@ from reconray.pipelines.ingest import preprocess
 from reconray.pipelines.report import heatmap_scale, render_overlay
 from reconray.pipelines.runtime import ensure_ray
 from reconray.pipelines.serve_options import DEFAULT_MAX_BYTES, DEFAULT_MAX_SIDE, ServeOptions
+from reconray.pipelines.storage import as_location, is_uri, local_model
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class AnomalyScorer:
         torch.set_num_threads(threads)
         # Pillow's decompression-bomb guard at the per-side limit's area: it refuses absurd headers inside Image.open.
         Image.MAX_IMAGE_PIXELS = max_side * max_side
-        artifact = load_artifact(model_dir)
+        artifact = load_artifact(local_model(model_dir))  # a URI: fetched onto this replica's node
         device = pick_device()
         self._scorer = artifact.scorer(device)
         self._spec = artifact.spec
@@ -396,8 +396,8 @@ def build_app(args: dict[str, Any] | ServeOptions) -> Application:
     that Serve would restart forever.
     """
     options = args if isinstance(args, ServeOptions) else ServeOptions.model_validate(args)
-    model_dir = str(Path(options.model_dir).expanduser().resolve())
-    read_config(model_dir)
+    model_dir = str(options.model_dir if is_uri(options.model_dir) else as_location(options.model_dir))
+    read_config(local_model(model_dir))
     return AnomalyScorer.options(
         autoscaling_config={
             "min_replicas": options.min_replicas,

@@ -59,6 +59,7 @@ from reconray.pipelines.console import FILE_ONLY_LOGGER, stage
 from reconray.pipelines.fitting import FitContext, TrainConfig, register_distributed_fit, worker_cpus
 from reconray.pipelines.ingest import as_tensor, feature_batches, level_columns, level_count
 from reconray.pipelines.report import scatter_plot
+from reconray.pipelines.storage import as_location
 from reconray.pipelines.validation import validation_metrics
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def fit_rlr(method: RLR, context: FitContext) -> RLR:
 def train_rlr(
     train_features: ray.data.Dataset,
     method: RLR,
-    run_dir: Path,
+    run_dir: str | Path,
     training: TrainConfig | None = None,
     data_key: str = "",
     validation: ValidationFeatures | None = None,
@@ -113,7 +114,8 @@ def train_rlr(
         train_features: rows with one `level_<n>` column per level holding float32 `(C_l, H_l, W_l)` arrays
             (cached backbone features of normal images; every epoch rereads them, so pass a cached dataset).
         method: an unfitted `RLR`; its options define the model and its optimisation.
-        run_dir: Ray Train storage path; each run is a folder in it.
+        run_dir: Ray Train storage path, a folder or a URI (s3://...: every worker writes its checkpoints there,
+            whichever node it runs on); each run is a folder in it.
         training: workers, CPUs, GPUs, retries and checkpoint interval (None: `TrainConfig()`).
         data_key: identity of the training features (part of the run's name, so other data never resumes it).
         validation: when given, every `training.validate_every` epochs, at every checkpoint and after the last epoch
@@ -129,7 +131,8 @@ def train_rlr(
     method.use_recipe(use_gpu)
     options = method.options
     name = run_name(method, data_key)
-    _say_resume_or_fresh(Path(run_dir), name)
+    run_dir = as_location(run_dir)
+    _say_resume_or_fresh(run_dir, name)
     cpus = worker_cpus(training)
     logger.info("rlr: %d worker(s) with %g CPU(s)%s each", training.num_workers, cpus, " and a GPU" if use_gpu else "")
     train_features, rows = _sampled(train_features, options.sampling, survey.counts)
@@ -158,7 +161,7 @@ def train_rlr(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(run_dir).resolve()),
+            storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=training.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECTION_METRIC,
                                                checkpoint_score_order="max") if validation else CheckpointConfig(),
@@ -182,10 +185,10 @@ def train_rlr(
         progress = json.loads(Path(directory, PROGRESS_FILE).read_text())
     if validation:
         history = reached.get("validation_history", [])
-        _plot_validation(history, Path(run_dir) / name / VALIDATION_PLOT)
+        _plot_validation(history, run_dir / name / VALIDATION_PLOT)
         logger.info("rlr: kept epoch %d of %d, validation %s %.4f (best of %d scored epochs; curve in %s)",
                     progress["epoch"], reached["epoch"], SELECTION_METRIC, progress[SELECTION_METRIC], len(history),
-                    Path(run_dir) / name / VALIDATION_PLOT)
+                    run_dir / name / VALIDATION_PLOT)
     return method.load_trained(tensors, survey.channels, survey.grids, {**progress, "checkpoint": chosen.path})
 
 
@@ -195,7 +198,7 @@ def run_name(method: RLR, data_key: str) -> str:
     return f"rlr-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
 
 
-def _say_resume_or_fresh(run_dir: Path, name: str) -> None:
+def _say_resume_or_fresh(run_dir: Any, name: str) -> None:
     """Logs whether this fit resumes an earlier run or starts fresh beside runs with other options or data."""
     checkpoints = sorted(path for path in (run_dir / name).glob("checkpoint_*") if path.is_dir())
     if checkpoints:
@@ -432,11 +435,14 @@ def _scalars(record: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in record.items() if key not in ("losses", "validation_history")}
 
 
-def _plot_validation(history: list[dict[str, Any]], path: Path) -> None:
-    """The validation metric of every scored epoch, as a PNG beside the run's checkpoints."""
+def _plot_validation(history: list[dict[str, Any]], path: Any) -> None:
+    """The validation metric of every scored epoch, as a PNG beside the run's checkpoints (a path or a URI)."""
     if history:
-        scatter_plot(f"validation {SELECTION_METRIC} per epoch", "epoch", SELECTION_METRIC,
-                     [entry["epoch"] for entry in history], [entry[SELECTION_METRIC] for entry in history]).save(path)
+        figure = scatter_plot(f"validation {SELECTION_METRIC} per epoch", "epoch", SELECTION_METRIC,
+                              [entry["epoch"] for entry in history], [entry[SELECTION_METRIC] for entry in history])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as handle:
+            figure.save(handle, format="PNG")
 
 
 def _sum_over_workers(loss_sum: float, images: int, device: torch.device) -> tuple[float, int]:

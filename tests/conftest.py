@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
@@ -33,6 +39,64 @@ TEST_IMAGE_SIZE = 64
 
 SYNTHETIC = SyntheticConfig(image_size=TEST_IMAGE_SIZE, n_train=10, n_test_good=4, n_test_defect=4,
                             categories=("fabric", "nut", "wood"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+# Object storage is configured the usual way, through the environment, and set here before any test starts Ray:
+# Ray's worker processes inherit the driver's environment when the session's Ray starts, so every Ray Data worker and
+# Serve replica reaches the same loopback S3 server the test fixture starts (and no test can reach a real bucket).
+os.environ |= {"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+               "AWS_CONFIG_FILE": os.devnull}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible server (moto's standalone server) on loopback for the whole session; yields its URL."""
+    port = S3_ENDPOINT.rsplit(":", 1)[1]
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start on {S3_ENDPOINT}") from None
+                time.sleep(0.1)
+        yield S3_ENDPOINT
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def bucket(s3_server: str) -> str:
+    """A new empty bucket on the loopback S3 server; yields `s3://<name>`."""
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"
+
+
+def upload_tree(folder: Path, uri: str) -> str:
+    """Copies every file under `folder` to the same relative keys under `uri`; returns `uri`."""
+    import s3fs
+
+    filesystem = s3fs.S3FileSystem(skip_instance_cache=True)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            filesystem.put_file(str(path), f"{uri.removeprefix('s3://')}/{path.relative_to(folder).as_posix()}")
+    return uri
 
 
 @pytest.fixture(scope="session")

@@ -87,13 +87,19 @@ def test_keep_aspect_fits_the_long_side_and_pads_below_and_right(model_spec: Mod
     assert dataclasses.replace(model_spec, resize="square").content_size(128, 32) == (64, 64)
 
 
-def test_plan_resources_fits_the_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
-    for available in ({"CPU": 2.0}, {"CPU": 4.0}, {"CPU": 16.0}):
-        monkeypatch.setattr(ingest.ray, "cluster_resources", lambda available=available: available)
+def test_plan_resources_fits_every_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Actors on three quarters of each node's CPUs, each small enough for the smallest node: on two 1-CPU nodes
+    one 0.75-CPU actor per node (a 1.5-CPU actor would wait forever for a node that holds it)."""
+    for nodes in ([2.0], [4.0], [16.0], [1.0, 1.0], [2.0, 8.0]):
+        monkeypatch.setattr(ingest.ray, "cluster_resources", lambda nodes=nodes: {"CPU": sum(nodes)})
+        monkeypatch.setattr(ingest.ray, "nodes", lambda nodes=nodes: [
+            {"Alive": True, "Resources": {"CPU": cpus}} for cpus in nodes] + [{"Alive": False, "Resources": {}}])
         plan = plan_resources()
-        assert plan.gpus_per_actor == 0 and plan.actors >= 1
-        assert plan.actors * plan.cpus_per_actor + plan.decode_cpus <= available["CPU"], plan
+        assert plan.gpus_per_actor == 0 and plan.actors >= len(nodes), (nodes, plan)
+        assert plan.cpus_per_actor <= min(nodes) * 0.75 and plan.decode_cpus <= min(nodes) * 0.25, (nodes, plan)
+        assert plan.actors * plan.cpus_per_actor + plan.decode_cpus <= sum(nodes), (nodes, plan)
         assert plan.torch_threads == max(1, round(plan.cpus_per_actor))
+    assert (plan_resources().actors, plan_resources().cpus_per_actor) == (5, 1.5)  # 1 on the 2-CPU node, 4 on 8
     monkeypatch.setattr(ingest.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
     plan = plan_resources(batch_size=8)
     assert (plan.actors, plan.gpus_per_actor, plan.batch_size) == (2, 1.0, 8)

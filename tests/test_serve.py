@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import socket
 import struct
 import threading
 import time
@@ -18,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import ray
+from conftest import free_port, upload_tree
 from PIL import Image
 from ray import serve
 
@@ -43,16 +43,10 @@ class Service:
     image_size: int
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(ray_session: None, fitted_model: Path, synthetic_root: Path) -> Iterator[Service]:
     """The conftest patchcore model served on the session's Ray: one replica of half a CPU, batches of up to 4."""
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model_dir": str(fitted_model), "num_cpus": str(REPLICA_CPUS), "min_replicas": "1",
                          "max_replicas": "1", "max_batch_size": "4", "batch_wait_timeout_s": "0.05"}),
@@ -278,6 +272,22 @@ def test_keep_aspect_model_answers_with_the_part_s_own_geometry(service: Service
         assert body["score"] == pytest.approx(predicted[0]["score"], rel=1e-5, abs=1e-5)
     finally:
         serve.delete("tall")
+
+
+def test_a_model_in_object_storage_is_fetched_verified_and_served(service: Service, bucket: str) -> None:
+    """`model_dir` an s3:// URI on the loopback S3 server: the replica fetches the artifact onto its node, checks its
+    hashes and answers exactly as the replica that loaded the local copy."""
+    uri = upload_tree(service.model_dir, f"{bucket}/models/patchcore")
+    serve.run(build_app({"model_dir": uri, "num_cpus": str(REPLICA_CPUS), "min_replicas": "1", "max_replicas": "1"}),
+              name="from-s3", route_prefix="/s3")
+    try:
+        assert service.client.get("/s3/v1/model").json()["sha256"] == service.sha256
+        image = service.defective[0].read_bytes()
+        scores = [service.client.post(f"{prefix}/v1/score", content=image, headers={"Content-Type": "image/png"})
+                  .json()["score"] for prefix in ("/s3", "")]
+        assert scores[0] == pytest.approx(scores[1], rel=1e-6, abs=1e-6)
+    finally:
+        serve.delete("from-s3")
 
 
 def test_killed_replica_is_replaced(service: Service) -> None:

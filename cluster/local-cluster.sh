@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# A real two-node Ray cluster on one machine: a head node and a worker node, each started by its own `ray start`
+# from its own working directory, with its own temp dir, its own CPUs and a custom resource naming it
+# (node_head / node_worker), so a job can pin work to a node and nothing relies on a path only one node sees.
+#
+#   cluster/local-cluster.sh start     start both nodes (prints the dashboard address for `ray job submit`)
+#   cluster/local-cluster.sh status    `ray status` of the cluster
+#   cluster/local-cluster.sh stop      stop both nodes
+#   cluster/local-cluster.sh stop-worker   stop only the worker node (a node failure)
+#
+# Settings (environment): CLUSTER_DIR (default ${TMPDIR:-/tmp}/reconray-cluster), RAY_PORT (6390), DASHBOARD_PORT
+# (8266), HEAD_CPUS and WORKER_CPUS (1 each), OBJECT_STORE_MB (512 a node). Object storage is configured the usual way (AWS_ENDPOINT_URL,
+# AWS_ACCESS_KEY_ID, ...): both nodes inherit this shell's environment.
+set -euo pipefail
+# Both nodes listen on loopback only; Ray's token authentication (on by default for `ray start --head` in 2.60) is
+# turned off so that the clients of this shell (`ray job submit`, `ray status`, `reconray` with RAY_ADDRESS) need no
+# token. A cluster reachable from a network keeps it on: see docs.ray.io ray-security/token-auth.
+export RAY_AUTH_MODE=disabled
+cluster_dir=${CLUSTER_DIR:-${TMPDIR:-/tmp}/reconray-cluster}
+port=${RAY_PORT:-6390}
+dashboard_port=${DASHBOARD_PORT:-8266}
+
+node_pids() {  # the processes whose command line names this node's temp dir (raylet, GCS, workers, ...)
+  pgrep -f -- "$cluster_dir/$1/ray" || true
+}
+
+start_node() {  # start_node NAME [ray start args...]
+  local name=$1
+  shift
+  mkdir -p "$cluster_dir/$name/work" "$cluster_dir/$name/ray"
+  (cd "$cluster_dir/$name/work" && ray start --temp-dir "$cluster_dir/$name/ray" \
+    --resources "{\"node_$name\": 1}" --object-store-memory $((${OBJECT_STORE_MB:-512} * 1024 * 1024)) \
+    --disable-usage-stats "$@")
+}
+
+stop_node() {  # stop_node NAME: SIGTERM, then SIGKILL what is left of it
+  local pids
+  pids=$(node_pids "$1")
+  [ -z "$pids" ] && return 0
+  kill $pids 2>/dev/null || true
+  for _ in $(seq 50); do
+    [ -z "$(node_pids "$1")" ] && return 0
+    sleep 0.2
+  done
+  kill -9 $(node_pids "$1") 2>/dev/null || true
+}
+
+case ${1:-} in
+  start)
+    start_node head --head --port "$port" --num-cpus "${HEAD_CPUS:-1}" --include-dashboard=true \
+      --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" --node-ip-address 127.0.0.1
+    start_node worker --address "127.0.0.1:$port" --num-cpus "${WORKER_CPUS:-1}" --node-ip-address 127.0.0.1
+    echo "cluster up: RAY_ADDRESS=127.0.0.1:$port, jobs: ray job submit --address http://127.0.0.1:$dashboard_port"
+    ;;
+  status)
+    ray status --address "127.0.0.1:$port"
+    ;;
+  stop-worker)
+    stop_node worker
+    ;;
+  stop)
+    stop_node worker
+    stop_node head
+    ;;
+  *)
+    echo "usage: $0 start|status|stop|stop-worker" >&2
+    exit 2
+    ;;
+esac
