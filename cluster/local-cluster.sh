@@ -50,6 +50,16 @@ case ${1:-} in
     start_node head --head --port "$port" --num-cpus "${HEAD_CPUS:-1}" --include-dashboard=true \
       --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" --node-ip-address 127.0.0.1
     start_node worker --address "127.0.0.1:$port" --num-cpus "${WORKER_CPUS:-1}" --node-ip-address 127.0.0.1
+    # The head's job agent starts after `ray start` returns; until it is up, a submitted job is refused ("No
+    # available agent"). A no-op job, submitted until it is accepted, says when the cluster takes jobs.
+    for attempt in $(seq 120); do
+      if ray job submit --address "http://127.0.0.1:$dashboard_port" --submission-id "local-cluster-ready-$(date +%s%N)" \
+          --no-wait -- true > /dev/null 2>&1; then
+        break
+      fi
+      [ "$attempt" = 120 ] && { echo "the cluster takes no jobs after 60 s" >&2; exit 1; }
+      sleep 0.5
+    done
     echo "cluster up: RAY_ADDRESS=127.0.0.1:$port, jobs: ray job submit --address http://127.0.0.1:$dashboard_port"
     ;;
   status)

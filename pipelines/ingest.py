@@ -9,6 +9,7 @@ raw image set.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -88,10 +89,17 @@ def feature_dataset(
         _FeatureActor,
         fn_constructor_kwargs={"spec": spec, "threads": resources.torch_threads},
         batch_size=resources.batch_size,
-        compute=ActorPoolStrategy(min_size=1, max_size=resources.actors),
+        compute=_actor_pool(resources, len(samples)),
         num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor,
     )
+
+
+def _actor_pool(resources: Resources, rows: int) -> ActorPoolStrategy:
+    """As many actors as the plan allows and the rows can keep busy (a batch each) start at once, so a job on several
+    nodes runs on all of them (Ray Data spreads actors over nodes) instead of waiting for the pool to scale up."""
+    busy = max(1, math.ceil(rows / resources.batch_size))
+    return ActorPoolStrategy(min_size=min(resources.actors, busy), max_size=resources.actors)
 
 
 def feature_batches(
@@ -123,7 +131,7 @@ def score_dataset(
         _ScoreActor,
         fn_constructor_kwargs={"model_dir": str(model_dir), "threads": resources.torch_threads},
         batch_size=resources.batch_size,
-        compute=ActorPoolStrategy(min_size=1, max_size=resources.actors),
+        compute=_actor_pool(resources, len(samples)),
         num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor,
     )
