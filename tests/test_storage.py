@@ -96,21 +96,19 @@ def test_missing_bucket_missing_credentials_and_truncated_objects_name_the_uri(
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_fit_evaluate_and_predict_read_and_write_a_bucket(ray_session: None, synthetic_root: Path, bucket: str,
-                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The training images, the artifact, the metrics, report and heatmaps all live in the bucket; the artifact
-    fetched back scores the local copies of the test images exactly as evaluate scored the objects."""
+def test_evaluate_and_predict_read_and_write_a_bucket(ray_session: None, fitted_model: Path, synthetic_root: Path,
+                                                     bucket: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The model, the test images, the metrics, report and heatmaps all live in the bucket (a fit writing there runs
+    in tests/test_cluster.py); the artifact fetched back scores the local copies of the test images exactly as
+    evaluate scored the objects."""
     data = upload_tree(synthetic_root, f"{bucket}/synthetic")
-    model, evaluation = f"{bucket}/models/sgfr", f"{bucket}/evaluation"
-    assert main(["fit", "--data", data, "--categories", "nut", "--method", "sgfr", "--image-size", "64",
-                 "--out", model]) == 0, capsys.readouterr().err
+    model, evaluation = upload_tree(fitted_model, f"{bucket}/models/patchcore"), f"{bucket}/evaluation"
     assert main(["evaluate", "--model", model, "--data", data, "--categories", "nut", "--out", evaluation]) == 0, \
         capsys.readouterr().err
     stored = {key.removeprefix(f"{bucket.removeprefix('s3://')}/") for key in _s3().find(bucket)}
-    assert {"models/sgfr/config.json", "evaluation/metrics.json", "evaluation/report.md"} <= stored
+    assert {"evaluation/metrics.json", "evaluation/report.md", "evaluation/scores.json"} <= stored
     assert any(key.startswith("evaluation/heatmaps/nut/") for key in stored)
-    config = json.loads(_s3().cat_file(f"{model}/config.json"))
-    assert config["method"] == "sgfr" and config["threshold"] is not None
     metrics = json.loads(_s3().cat_file(f"{evaluation}/metrics.json"))
     assert metrics["categories"]["nut"]["n_images"] == 8 and metrics["mean"]["image_auroc"] > 0.5
 
