@@ -7,10 +7,12 @@
 #   cluster/local-cluster.sh status    `ray status` of the cluster
 #   cluster/local-cluster.sh stop      stop both nodes
 #   cluster/local-cluster.sh stop-worker   stop only the worker node (a node failure)
+#   cluster/local-cluster.sh start-worker  start the worker node again (its replacement)
 #
 # Settings (environment): CLUSTER_DIR (default ${TMPDIR:-/tmp}/reconray-cluster), RAY_PORT (6390), DASHBOARD_PORT
-# (8266), HEAD_CPUS and WORKER_CPUS (1 each), OBJECT_STORE_MB (512 a node). Object storage is configured the usual way (AWS_ENDPOINT_URL,
-# AWS_ACCESS_KEY_ID, ...): both nodes inherit this shell's environment.
+# (8266), HEAD_CPUS and WORKER_CPUS (1 each; WORKER_CPUS=0: the head alone), OBJECT_STORE_MB (512 a node).
+# Object storage is configured the usual way (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...): both nodes inherit this
+# shell's environment.
 set -euo pipefail
 # Both nodes listen on loopback only; Ray's token authentication (on by default for `ray start --head` in 2.60) is
 # turned off so that the clients of this shell (`ray job submit`, `ray status`, `reconray` with RAY_ADDRESS) need no
@@ -45,11 +47,15 @@ stop_node() {  # stop_node NAME: SIGTERM, then SIGKILL what is left of it
   kill -9 $(node_pids "$1") 2>/dev/null || true
 }
 
+start_worker() {
+  start_node worker --address "127.0.0.1:$port" --num-cpus "${WORKER_CPUS:-1}" --node-ip-address 127.0.0.1
+}
+
 case ${1:-} in
   start)
     start_node head --head --port "$port" --num-cpus "${HEAD_CPUS:-1}" --include-dashboard=true \
       --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" --node-ip-address 127.0.0.1
-    start_node worker --address "127.0.0.1:$port" --num-cpus "${WORKER_CPUS:-1}" --node-ip-address 127.0.0.1
+    [ "${WORKER_CPUS:-1}" = 0 ] || start_worker
     # The head's job agent starts after `ray start` returns; until it is up, a submitted job is refused ("No
     # available agent"). A no-op job, submitted until it is accepted, says when the cluster takes jobs.
     for attempt in $(seq 120); do
@@ -68,12 +74,15 @@ case ${1:-} in
   stop-worker)
     stop_node worker
     ;;
+  start-worker)
+    start_worker
+    ;;
   stop)
     stop_node worker
     stop_node head
     ;;
   *)
-    echo "usage: $0 start|status|stop|stop-worker" >&2
+    echo "usage: $0 start|status|stop|stop-worker|start-worker" >&2
     exit 2
     ;;
 esac
