@@ -26,11 +26,18 @@ node_pids() {  # the processes whose command line names this node's temp dir (ra
   pgrep -f -- "$cluster_dir/$1/ray" || true
 }
 
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 start_node() {  # start_node NAME [ray start args...]
   local name=$1
   shift
   mkdir -p "$cluster_dir/$name/work" "$cluster_dir/$name/ray"
+  # Each node's dashboard agent gets a port of its own: Ray's fixed default (52365) is taken by the first node (or by
+  # any other Ray on this machine), and a node whose agent cannot listen takes no jobs.
   (cd "$cluster_dir/$name/work" && ray start --temp-dir "$cluster_dir/$name/ray" \
+    --dashboard-agent-listen-port "$(free_port)" \
     --resources "{\"node_$name\": 1}" --object-store-memory $((${OBJECT_STORE_MB:-512} * 1024 * 1024)) \
     --disable-usage-stats "$@")
 }
@@ -54,6 +61,7 @@ start_worker() {
 case ${1:-} in
   start)
     start_node head --head --port "$port" --num-cpus "${HEAD_CPUS:-1}" --include-dashboard=true \
+      --ray-client-server-port "$(free_port)" \
       --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" --node-ip-address 127.0.0.1
     [ "${WORKER_CPUS:-1}" = 0 ] || start_worker
     # The head's job agent starts after `ray start` returns; until it is up, a submitted job is refused ("No
