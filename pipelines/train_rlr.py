@@ -40,6 +40,7 @@ import ray.train.torch
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from safetensors.torch import load_file, save_file
 
 from reconray.methods.errors import DatasetError
@@ -137,7 +138,10 @@ def train_rlr(
     logger.info("rlr: %d worker(s) with %g CPU(s)%s each", training.num_workers, cpus, " and a GPU" if use_gpu else "")
     train_features, rows = _sampled(train_features, options.sampling, survey.counts)
     images_per_worker = rows // training.num_workers  # Ray Train splits the rows equally
-    epochs = _EpochChannel.remote()
+    # On the driver's own node: a node lost under training then takes workers (which Ray Train restarts from the last
+    # checkpoint), never the channel the driver reads.
+    epochs = _EpochChannel.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
     config = {
         "options": options.model_dump(),
         "columns": columns,
