@@ -403,6 +403,8 @@ def build_app(args: dict[str, Any] | ServeOptions) -> Application:
             "min_replicas": options.min_replicas,
             "max_replicas": options.max_replicas,
             "target_ongoing_requests": options.target_ongoing_requests or max(2, options.batch_size),
+            "upscale_delay_s": options.upscale_delay_s,
+            "downscale_delay_s": options.downscale_delay_s,
         },
         max_ongoing_requests=options.max_ongoing_requests or max(32, 2 * options.batch_size),
         ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},

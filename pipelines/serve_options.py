@@ -33,6 +33,10 @@ class ServeOptions(BaseModel):
         None, ge=1, le=256, description=f"images per backbone pass; default: {GPU_BATCH_SIZE} with a GPU per replica, "
                                         "1 on CPU, where batching measured slower (benchmarks/RESULTS.md)"
     )
+    upscale_delay_s: float = Field(30.0, ge=0.0, description="load above target this long adds replicas (Serve's "
+                                   "default)")
+    downscale_delay_s: float = Field(600.0, ge=0.0, description="load below target this long removes replicas "
+                                     "(Serve's default)")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
     num_cpus: float = Field(1.0, gt=0.0, le=1024.0, description="CPUs per replica, fractional allowed")
     num_gpus: float = Field(0.0, ge=0.0, le=16.0, description="GPUs per replica, fractional allowed")

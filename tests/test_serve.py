@@ -243,6 +243,9 @@ def test_options_defaults_and_range_checks(service: Service) -> None:
         ServeOptions(model_dir=str(service.model_dir), max_batch_size=0)
     with pytest.raises(ValueError, match="exceeds max_replicas"):
         ServeOptions(model_dir=str(service.model_dir), min_replicas=3, max_replicas=2)
+    assert (ServeOptions(model_dir="m").upscale_delay_s, ServeOptions(model_dir="m").downscale_delay_s) == (30, 600)
+    with pytest.raises(ValueError, match="downscale_delay_s"):
+        ServeOptions(model_dir=str(service.model_dir), downscale_delay_s=-1)
     with pytest.raises(ValueError, match="not a reconray model"):
         build_app({"model_dir": str(service.model_dir / "missing")})
 
