@@ -40,7 +40,7 @@ RLR_OPTIONS = ["--set", "epochs=8", "--set", "d_model=32", "--set", "layers=1", 
 logger = logging.getLogger("reconray.benchmarks.cluster_faults")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -50,9 +50,9 @@ class Cluster:
     """A `local-cluster.sh` cluster on free ports, with this process's environment (the S3 settings included)."""
 
     def __init__(self, worker_cpus: int, head_cpus: int) -> None:
-        self.dashboard_port = _free_port()
+        self.dashboard_port = free_port()
         self.env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {
-            "CLUSTER_DIR": tempfile.mkdtemp(prefix="rc-", dir="/tmp"), "RAY_PORT": str(_free_port()),
+            "CLUSTER_DIR": tempfile.mkdtemp(prefix="rc-", dir="/tmp"), "RAY_PORT": str(free_port()),
             "DASHBOARD_PORT": str(self.dashboard_port), "HEAD_CPUS": str(head_cpus),
             "WORKER_CPUS": str(worker_cpus), "RAY_AUTH_MODE": "disabled",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -124,12 +124,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     os.environ |= {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
                    "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    summary: dict[str, Any] = {"cpu": _cpu_model(), "size": args.size, "train_per_category": args.train}
+    summary: dict[str, Any] = {"cpu": cpu_model(), "size": args.size, "train_per_category": args.train}
     try:
         time.sleep(2)
         root = make_synthetic_dataset(out / "synthetic", SyntheticConfig(
@@ -195,7 +195,8 @@ def _rlr_runs(cluster: Cluster, out: Path, data: str, size: int) -> dict[str, An
     return record
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU model and count, for RESULTS.md (figures differ between machines)."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"

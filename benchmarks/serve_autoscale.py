@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,18 +31,13 @@ from typing import Any
 
 import httpx
 import numpy as np
+from cluster_faults import cpu_model, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "cluster" / "local-cluster.sh"
 KILL_AFTER_S = 40.0
 
 logger = logging.getLogger("reconray.benchmarks.serve_autoscale")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _replicas(app: str) -> int:
@@ -91,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    s3_port, ray_port, dashboard_port, http_port = (_free_port() for _ in range(4))
+    s3_port, ray_port, dashboard_port, http_port = (free_port() for _ in range(4))
     os.environ |= {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}", "AWS_ACCESS_KEY_ID": "bench",
                    "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "RAY_AUTH_MODE": "disabled"}
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {
@@ -164,7 +158,7 @@ def _observe(args: argparse.Namespace, out: Path, env: dict[str, str], ray_port:
     serve.shutdown()
     ray.shutdown()
     timeline = {"begin": begin, "load": [load_start, load_end], "killed": killed, "samples": samples,
-                "requests": events, "cpu": _cpu_model()}
+                "requests": events, "cpu": cpu_model()}
     (out / "timeline.json").write_text(json.dumps(timeline))
     _plots(timeline, out)
     return timeline
@@ -183,13 +177,6 @@ def _plots(timeline: dict[str, Any], out: Path) -> None:
     counts, _ = np.histogram(seconds, bins=bins)
     scatter_plot("requests answered per second", "seconds", "requests/s", bins[:-1].tolist(),
                  counts.astype(float).tolist()).save(out / "throughput.png")
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    return f"unknown x{os.cpu_count()}"
 
 
 def table(timeline: dict[str, Any]) -> str:
