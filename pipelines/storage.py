@@ -86,9 +86,7 @@ def storage_errors(location: str | Path, error_class: type[ReconrayError] = Data
 
 def _bucket_hint(location: str | Path, error: Exception) -> str:
     """Says whether the bucket itself is missing, the commonest mistake with a new endpoint."""
-    import fsspec
-
-    filesystem, path = fsspec.core.url_to_fs(str(location))
+    filesystem, path = _filesystem(location)
     bucket = path.split("/", 1)[0]
     try:
         missing = not filesystem.exists(bucket)
