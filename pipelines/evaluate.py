@@ -227,7 +227,11 @@ def predict_images(
     heatmaps = heatmaps or ("anomalous" if parquet else "all")
     if heatmaps not in HEATMAP_CHOICES:
         raise OptionError(f"heatmaps must be one of {HEATMAP_CHOICES}, got {heatmaps!r}")
-    samples, threshold, resources = _prediction_setup(model_dir, paths, threshold, resources, category)
+    calibrated = read_config(local_model(model_dir)).threshold_for(category)
+    threshold = calibrated if threshold is None else threshold
+    samples = validate([Sample(str(path), category or "", "test", 0) for path in paths]).samples
+    ensure_ray()
+    resources = resources or plan_resources()
     with staged_output(out_dir) as local_out:
         batches = _predictions(str(model_dir), samples, threshold, resources, heatmaps, local_out, out_dir)
         written = _write_parquet(batches, local_out, out_dir) if parquet else _write_json(batches, local_out)
@@ -261,19 +265,6 @@ def _write_parquet(batches: Iterator[list[dict[str, Any]]], local_out: Path, out
             count += len(rows)
             anomalous += sum(bool(row["is_anomalous"]) for row in rows)
     return ParquetPredictions(joined(out_dir, "predictions.parquet"), count, anomalous)
-
-
-def _prediction_setup(
-    model_dir: str | Path, paths: Sequence[Any], threshold: float | None, resources: Resources | None,
-    category: str | None,
-) -> tuple[list[Sample], float | None, Resources]:
-    """The validated samples, the deciding threshold and the resources of a predict run, before any scoring."""
-    config = read_config(local_model(model_dir))
-    calibrated = config.threshold_for(category)
-    threshold = calibrated if threshold is None else threshold
-    samples = validate([Sample(str(path), category or "", "test", 0) for path in paths]).samples
-    ensure_ray()
-    return samples, threshold, resources or plan_resources()
 
 
 def _predictions(
