@@ -201,7 +201,7 @@ def load_artifact(directory: str | Path) -> Artifact:
     )
     method = ExtendedBank.from_state(state, method_class) if is_extended(config.method_info) else \
         method_class.from_state(state)
-    return Artifact(method=method, config=config, sha256=_sha256(directory / CONFIG_FILE))
+    return Artifact(method=method, config=config, sha256=config_sha256(directory))
 
 
 def verify_files(directory: str | Path) -> ArtifactConfig:
@@ -229,6 +229,11 @@ def set_thresholds(
     if fit is not None:
         update["fit"] = fit
     _write_config(Path(directory), config.model_copy(update=update))
+
+
+def config_sha256(directory: str | Path) -> str:
+    """An artifact's identity: the sha256 of its config.json, which lists the hash of every other file."""
+    return _sha256(Path(directory) / CONFIG_FILE)
 
 
 def read_config(directory: str | Path) -> ArtifactConfig:

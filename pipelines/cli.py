@@ -157,12 +157,16 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", parents=[common],
                                 help="online scoring over HTTP with Ray Serve (blocks until Ctrl-C)")
-    serve.add_argument("--model", required=True, type=_location, help="artifact directory or URI")
+    serve.add_argument("--model", required=True, action="append", metavar="[NAME=]MODEL",
+                       help="artifact directory or URI, or a folder of artifacts (each served at /v1/score/{its "
+                       "folder name}); repeat as NAME=MODEL to serve several at /v1/score/NAME")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--min-replicas", type=int, help=f"default {_serve_default('min_replicas')}")
     serve.add_argument("--max-replicas", type=int, help=f"default {_serve_default('max_replicas')}")
-    serve.add_argument("--threshold", type=float, help="override the model's calibrated threshold")
+    serve.add_argument("--threshold", type=float, help="override the model's calibrated threshold (one model only)")
+    serve.add_argument("--max-models", type=int, help="several models: how many a replica keeps loaded, least recently "
+                       f"used dropped first (default {_serve_default('max_models_per_replica')})")
     serve.add_argument("--max-batch-size", type=int, help="images per backbone batch (default 8 with a GPU, 1 on CPU)")
     serve.add_argument("--batch-wait-s", type=float,
                        help=f"longest wait for a batch to fill (default {_serve_default('batch_wait_timeout_s')})")
@@ -296,11 +300,30 @@ def _dispatch(args: argparse.Namespace) -> None:
             "threshold": args.threshold, "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
             "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
             "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "max_bytes": args.max_bytes,
-            "max_side": args.max_side,
+            "max_side": args.max_side, "max_models_per_replica": args.max_models,
         }
-        options = _validated(ServeOptions, {"model_dir": str(args.model)}
+        options = _validated(ServeOptions, _served_models(args.model)
                              | {key: value for key, value in settings.items() if value is not None})
         serve_model(options, host=args.host, port=args.port)
+
+
+def _served_models(values: Sequence[str]) -> dict[str, object]:
+    """`serve --model` values as ServeOptions fields: one artifact or folder (`model_dir`), or NAME=MODEL pairs."""
+    named = [value.partition("=") for value in values]
+    if len(values) == 1 and not _is_named(named[0]):
+        return {"model_dir": values[0]}
+    if not all(_is_named(parts) for parts in named):
+        raise OptionError(f"--model: give one artifact (or folder of artifacts), or NAME=MODEL for each model; got "
+                          f"{list(values)}")
+    models = {name: location for name, _, location in named}
+    if len(models) < len(named):
+        raise OptionError(f"--model: a name is given twice in {list(values)}")
+    return {"models": models}
+
+
+def _is_named(parts: tuple[str, str, str]) -> bool:
+    name, separator, location = parts
+    return bool(separator and name and location) and "/" not in name and ":" not in name
 
 
 def _fit_setting(args: argparse.Namespace) -> dict[str, object]:

@@ -2,6 +2,7 @@
 importing Ray Serve."""
 
 import math
+import re
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -11,6 +12,17 @@ DEFAULT_MAX_SIDE = 8000
 """Largest accepted width or height in pixels, checked from the image header before decoding."""
 GPU_BATCH_SIZE = 8
 """Default `max_batch_size` of a replica with a GPU; CPU replicas default to 1."""
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A served model's name: one URL path segment."""
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it can be the `{name}` of `/v1/score/{name}`, else a ValueError that says what can."""
+    if not MODEL_NAME.fullmatch(name):
+        raise ValueError(f"model name {name!r}: use letters, digits, '.', '_' and '-', at most 64, starting with a "
+                         "letter or digit")
+    return name
+
 
 class ServeOptions(BaseModel):
     """Deployment settings: the arguments of `build_app`, of `serve run reconray.pipelines.serve:build_app key=value
@@ -18,7 +30,12 @@ class ServeOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_dir: str = Field(description="artifact directory written by `reconray fit`")
+    model_dir: str | None = Field(None, description="artifact directory or URI written by `reconray fit`, or a "
+                                  "folder of artifacts (each served under its folder name)")
+    models: dict[str, str] | None = Field(None, description="model name → artifact directory or URI, each served at "
+                                          "/v1/score/{name}")
+    max_models_per_replica: int = Field(3, ge=1, le=1024, description="several models: models a replica keeps "
+                                        "loaded (LRU); others load on their first request")
     threshold: float | None = Field(None, description="deployment threshold; default: the artifact's calibrated one")
     min_replicas: int = Field(1, ge=1, le=1024)
     max_replicas: int = Field(2, ge=1, le=1024)
@@ -52,6 +69,12 @@ class ServeOptions(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ServeOptions":
+        if (self.model_dir is None) == (self.models is None):
+            raise ValueError("give one of model_dir (an artifact or a folder of them) and models (name → artifact)")
+        if self.models is not None and not self.models:
+            raise ValueError("models is empty: name at least one artifact")
+        for name in self.models or {}:
+            check_model_name(name)
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
         if self.threshold is not None and not math.isfinite(self.threshold):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import shutil
 import struct
 import threading
 import time
@@ -21,12 +22,12 @@ from conftest import free_port, upload_tree
 from PIL import Image
 from ray import serve
 
-from reconray.methods.artifact import load_artifact
+from reconray.methods.artifact import load_artifact, set_thresholds
 from reconray.methods.backbone import DEFAULT_BACKBONE
-from reconray.pipelines.cli import main
+from reconray.pipelines.cli import _served_models, main
 from reconray.pipelines.evaluate import predict_images
 from reconray.pipelines.ingest import Resources
-from reconray.pipelines.serve import APP_NAME, build_app
+from reconray.pipelines.serve import APP_NAME, build_app, model_catalog
 from reconray.pipelines.serve_options import DEFAULT_MAX_BYTES, GPU_BATCH_SIZE, ServeOptions
 
 REPLICA_CPUS = 0.5
@@ -327,3 +328,100 @@ def test_killed_replica_is_replaced(service: Service) -> None:
     assert after != before
     assert statuses[-3:] == [200] * 3, statuses
     assert all(_post_png(service, path).status_code == 200 for path in service.normal)
+
+
+@pytest.fixture(scope="module")
+def models_folder(tmp_path_factory: pytest.TempPathFactory, fitted_model: Path, tall_model: Path) -> Path:
+    """A folder of three artifacts: the conftest model, a copy calibrated stricter, and the keep-aspect model."""
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copytree(fitted_model, folder / "nut")
+    shutil.copytree(fitted_model, folder / "nut-strict")
+    set_thresholds(folder / "nut-strict", 2.0, {"nut": 3.0})
+    shutil.copytree(tall_model, folder / "tall")
+    return folder
+
+
+def test_model_catalog_names_and_refusals(models_folder: Path, fitted_model: Path) -> None:
+    """A folder of artifacts serves each under its folder name; one artifact is a one-model service; names must be
+    one URL path segment; a global threshold is refused with several models."""
+    assert model_catalog(ServeOptions(model_dir=str(models_folder))) == {
+        name: str(models_folder / name) for name in ("nut", "nut-strict", "tall")}
+    assert model_catalog(ServeOptions(model_dir=str(fitted_model))) is None
+    assert model_catalog(ServeOptions(models={"a": str(fitted_model)})) == {"a": str(fitted_model)}
+    with pytest.raises(ValueError, match="model name 'a/b'"):
+        ServeOptions(models={"a/b": str(fitted_model)})
+    with pytest.raises(ValueError, match="give one of model_dir"):
+        ServeOptions()
+    with pytest.raises(ValueError, match="no config.json"):
+        model_catalog(ServeOptions(model_dir=str(models_folder / "nut" / "missing")))
+    with pytest.raises(ValueError, match="its own calibrated threshold"):
+        build_app({"model_dir": str(models_folder), "threshold": "1.0"})
+
+
+def test_cli_serves_one_model_a_folder_or_named_models(models_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    nut, tall = models_folder / "nut", models_folder / "tall"
+    assert _served_models([str(models_folder)]) == {"model_dir": str(models_folder)}
+    assert _served_models(["s3://bucket/models/nut"]) == {"model_dir": "s3://bucket/models/nut"}
+    assert _served_models([f"nut={nut}", f"tall={tall}"]) == {"models": {"nut": str(nut), "tall": str(tall)}}
+    for arguments, message in (
+        (["--model", f"nut={nut}", "--model", str(tall)], "NAME=MODEL for each model"),
+        (["--model", f"nut={nut}", "--model", f"nut={tall}"], "a name is given twice"),
+        (["--model", f"n?t={nut}"], "model name 'n?t'"),
+        (["--model", str(models_folder), "--threshold", "1"], "its own calibrated threshold"),
+    ):
+        assert main(["serve", *arguments]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_several_models_behind_one_service(service: Service, models_folder: Path, tall_root: Path) -> None:
+    """`/v1/score/{name}` through the router and a one-replica pool that keeps two models (LRU): each model answers
+    with its own score, threshold and hash, loads on its first request, is dropped when least recently used, and a
+    model whose files no longer match its hashes is refused with 503 while the others keep answering."""
+    serve.run(build_app({"model_dir": str(models_folder), "num_cpus": str(REPLICA_CPUS), "min_replicas": "1",
+                         "max_replicas": "1", "max_models_per_replica": "2"}), name="models", route_prefix="/models")
+    try:
+        client = service.client
+        listed = {entry["name"]: entry for entry in client.get("/models/v1/models").json()}
+        assert sorted(listed) == ["nut", "nut-strict", "tall"]
+        assert listed["nut"]["sha256"] == service.sha256 != listed["nut-strict"]["sha256"]
+        assert (listed["nut-strict"]["threshold"], listed["nut-strict"]["category_thresholds"]) == (2.0, {"nut": 3.0})
+        assert client.get("/models/v1/health").json()["models"] == ["nut", "nut-strict", "tall"]
+        assert set(client.get("/models/openapi.json").json()["paths"]) == {
+            "/v1/score/{name}", "/v1/models", "/v1/health"}
+
+        image = service.defective[0].read_bytes()
+
+        def score(name: str, query: str = "", content: bytes = image) -> httpx.Response:
+            return client.post(f"/models/v1/score/{name}{query}", content=content,
+                               headers={"Content-Type": "image/png"})
+
+        alone = _post_png(service, service.defective[0]).json()
+        first, second = score("nut").json(), score("nut").json()
+        assert (first["cold_start"], second["cold_start"]) == (True, False)
+        assert first["score"] == pytest.approx(alone["score"], rel=1e-6) == second["score"]
+        assert (first["threshold"], first["model"]["sha256"]) == (1.0, service.sha256)
+        strict = score("nut-strict").json()
+        assert (strict["cold_start"], strict["threshold"]) == (True, 2.0)
+        assert strict["score"] == pytest.approx(alone["score"], rel=1e-6)
+        assert strict["is_anomalous"] == (strict["score"] > 2.0)
+        assert score("nut-strict", "?category=nut").json()["threshold"] == 3.0
+        tall_image = sorted((tall_root / "nut" / "test").glob("*/*.png"))[-1].read_bytes()
+        tall = score("tall", "?heatmap=true", tall_image).json()
+        assert tall["cold_start"] is True and tall["heatmap_size"] == [64, 32]
+        assert score("nut").json()["cold_start"] is True  # the least recently used of two made room for `tall`
+
+        missing = score("bolt")
+        assert missing.status_code == 404 and "served: ['nut', 'nut-strict', 'tall']" in missing.json()["error"]
+        not_image = score("nut", content=b"hello, this is not an image")
+        assert not_image.status_code == 400 and "image" in not_image.json()["error"]
+        unknown_category = score("nut", "?category=bolt")
+        assert unknown_category.status_code == 422 and "fitted on ['nut']" in unknown_category.json()["error"]
+
+        index = models_folder / "nut-strict" / "bank.faiss"
+        index.write_bytes(index.read_bytes()[:-8])  # truncated after the app was built: caught on load
+        broken = score("nut-strict")
+        assert broken.status_code == 503
+        assert "'nut-strict'" in broken.json()["error"] and "sha256 does not match" in broken.json()["error"]
+        assert score("nut").status_code == score("tall", content=tall_image).status_code == 200
+    finally:
+        serve.delete("models")
