@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                                       help="hyperparameter sweep on Ray Tune, scored on a validation split")
     tune_parser.add_argument("--data", required=True, help="dataset whose training images are swept on")
     tune_parser.add_argument("--method", required=True, choices=sorted(METHODS))
-    tune_parser.add_argument("--out", required=True, type=Path, help="sweep folder (rerun the command to resume)")
+    tune_parser.add_argument("--out", required=True, type=_location,
+                             help="sweep folder or URI (rerun the command to resume)")
     spaces = tune_parser.add_mutually_exclusive_group()
     spaces.add_argument("--space", type=Path, help="search space YAML: key: value or key: {choice|grid|uniform|"
                         "loguniform|randint: [...]}")
@@ -162,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
                        "folder name}); repeat as NAME=MODEL to serve several at /v1/score/NAME")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--proxy-location", choices=("EveryNode", "HeadOnly"), default="EveryNode",
+                       help="Serve's HTTP proxies: on every node (default), or on the head only, as for several nodes "
+                       "sharing one machine's ports")
     serve.add_argument("--min-replicas", type=int, help=f"default {_serve_default('min_replicas')}")
     serve.add_argument("--max-replicas", type=int, help=f"default {_serve_default('max_replicas')}")
     serve.add_argument("--threshold", type=float, help="override the model's calibrated threshold (one model only)")
@@ -270,7 +274,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             pool=DEFAULT_POOL if args.pool is None else args.pool, resize=args.resize or DEFAULT_RESIZE, tile=args.tile,
         )
         logger.info("best %s %.4f with %s: %s, %s", args.objective, summary.best_objective, summary.best_options,
-                    args.out / "best.yaml", args.out / "best")
+                    joined(args.out, "best.yaml"), joined(args.out, "best"))
     elif args.command == "evaluate":
         from reconray.pipelines.evaluate import evaluate_model
 
@@ -304,7 +308,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         }
         options = _validated(ServeOptions, _served_models(args.model)
                              | {key: value for key, value in settings.items() if value is not None})
-        serve_model(options, host=args.host, port=args.port)
+        serve_model(options, host=args.host, port=args.port, proxy_location=args.proxy_location)
 
 
 def _served_models(values: Sequence[str]) -> dict[str, object]:

@@ -19,7 +19,7 @@ import dataclasses
 import io
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
@@ -139,27 +139,31 @@ def _from_csv(path: Path) -> list[Sample]:
                 )
             anomalous = int(label == "anomaly")
             mask = (row.get("mask") or "").strip()
-            defect = _csv_defect(root, Path(row["image"].strip())) if anomalous else NORMAL
+            image = row["image"].strip()
             samples.append(
                 Sample(
-                    str(root / row["image"].strip()),
+                    _csv_location(root, image),
                     row["object"].strip(),
                     split,
                     anomalous,
-                    defect,
-                    str(root / mask) if mask and anomalous else None,
+                    _csv_defect(image) if anomalous else NORMAL,
+                    _csv_location(root, mask) if mask and anomalous else None,
                 )
             )
     return samples
 
 
-def _csv_defect(root: Path, image: Path) -> str:
-    """Defect name of a CSV row: the image's top folder under the CSV's folder (VisA, MTD name defects so)."""
-    image = image if image.is_absolute() else root / image
-    try:
-        return image.relative_to(root).parts[0]
-    except ValueError:
-        return image.parent.name
+def _csv_location(root: Path, entry: str) -> str:
+    """A CSV entry's file: a URI or an absolute path as written, else relative to the CSV's folder."""
+    return entry if is_uri(entry) or Path(entry).is_absolute() else str(root / entry)
+
+
+def _csv_defect(entry: str) -> str:
+    """Defect name of a CSV row: the image's top folder under the CSV's folder (VisA, MTD name defects so), or for an
+    absolute path or URI the folder it is in."""
+    if is_uri(entry) or Path(entry).is_absolute():
+        return PurePosixPath(entry).parent.name
+    return PurePosixPath(entry).parts[0]
 
 
 def _subdirs(folder: Path) -> list[Path]:

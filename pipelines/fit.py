@@ -39,8 +39,8 @@ from reconray.pipelines.datasets import Sample, discover, split_samples, validat
 from reconray.pipelines.fitting import FitContext, TrainConfig, distributed_fit, work_dir_for
 from reconray.pipelines.ingest import Resources, plan_resources, score_dataset
 from reconray.pipelines.runtime import ensure_ray
-from reconray.pipelines.storage import as_location, is_uri, joined, local_model, staged_output, upload
-from reconray.pipelines.validation import calibration_split, carve, paint_validation_set
+from reconray.pipelines.storage import as_location, is_uri, local_model, staged_output, upload
+from reconray.pipelines.validation import calibration_split, carve, paint_validation_split
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def fit_model(
         resources=resources,
         work_dir=work_dir,
         training=training or TrainConfig(),
-        feature_cache=Path(feature_cache) if feature_cache else None,
+        feature_cache=as_location(feature_cache) if feature_cache else None,
         validation=selection,
         calibration=calibration,
     )
@@ -185,21 +185,7 @@ def _selection_split(
     except DatasetError as error:
         raise DatasetError(f"{error}; {method_name} keeps the checkpoint that scores best on a validation split of "
                            "the training images: --set select=last trains on every image instead") from error
-    target = work_dir / "validation"
-    if not is_uri(target):
-        return carving.fit, carving.calibration, paint_validation_set(carving.validation, target)
-    with staged_output(str(target)) as local:  # painted here, uploaded for the workers of every node to read
-        painted = paint_validation_set(carving.validation, local)
-    return carving.fit, carving.calibration, [_moved(sample, local, str(target)) for sample in painted]
-
-
-def _moved(sample: Sample, local: Path, uri: str) -> Sample:
-    """`sample` with its files under the folder `local` named where they were uploaded to, under `uri`."""
-    def moved(location: str | None) -> str | None:
-        inside = location is not None and Path(location).is_relative_to(local)
-        return joined(uri, Path(location).relative_to(local).as_posix()) if inside else location
-
-    return dataclasses.replace(sample, image=moved(sample.image), mask=moved(sample.mask))
+    return carving.fit, carving.calibration, paint_validation_split(carving.validation, work_dir / "validation")
 
 
 def calibrate(

@@ -626,11 +626,13 @@ def build_app(args: dict[str, Any] | ServeOptions) -> Application:
     ).bind(pool, models, options.max_bytes)
 
 
-def serve_model(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve_model(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000,
+                proxy_location: str = "EveryNode") -> None:
     """`reconray serve`: deploys on this Ray (RAY_ADDRESS or a local one) and blocks until Ctrl-C or SIGTERM.
 
     Stopping deletes this application only, so other Serve applications on a shared cluster keep running; a local
-    Ray started here shuts down with the process.
+    Ray started here shuts down with the process. `proxy_location` places Serve's HTTP proxies when this call starts
+    Serve (a Serve already running keeps its own).
     """
     application = build_app(options)
     ensure_ray()
@@ -638,7 +640,7 @@ def serve_model(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000
     # deploying, since a replica answers (and a user may stop the server) before serve.run returns.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
         serve.run(application, name=APP_NAME, route_prefix="/")
         logger.info("serving at http://%s:%d (OpenAPI: /docs); Ctrl-C stops", host, port)
         while True:

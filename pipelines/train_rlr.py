@@ -127,12 +127,46 @@ def train_rlr(
     """
     training = training or TrainConfig()
     survey = _survey(train_features)
-    columns = survey.columns
     use_gpu = training.use_gpu and ray.cluster_resources().get("GPU", 0) > 0
     method.use_recipe(use_gpu)
     options = method.options
     name = run_name(method, data_key)
     run_dir = as_location(run_dir)
+    result = _finished_run(run_dir / name, options.epochs)
+    if result is not None:  # e.g. a Tune sweep's best trial, fitted again as best/: its run is loaded as it is
+        logger.info("rlr: run %s finished earlier: its checkpoints are loaded, nothing is trained again", name)
+    else:
+        trainer, epochs = _trainer(train_features, method, run_dir, name, training, use_gpu, survey, validation)
+        result = _fit_showing_epochs(trainer, epochs, options.epochs, on_epoch)
+    if result.checkpoint is None:
+        raise RuntimeError(f"rlr run {name!r} in {run_dir} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        reached = json.loads(Path(directory, PROGRESS_FILE).read_text())
+    if reached.get("early_stop"):
+        logger.info("rlr: early stop after epoch %d of %d: %d scored epochs in a row did not beat the best",
+                    reached["epoch"], options.epochs, options.patience)
+    elif reached["epoch"] < options.epochs:
+        logger.info("rlr: the time budget of %g s ran out after epoch %d of %d (%.0f s of training)",
+                    options.time_budget_s, reached["epoch"], options.epochs, reached["elapsed_s"])
+    chosen = result.get_best_checkpoint(SELECTION_METRIC, "max") if validation else result.checkpoint
+    with chosen.as_directory() as directory:
+        tensors = load_file(Path(directory, MODEL_FILE))
+        progress = json.loads(Path(directory, PROGRESS_FILE).read_text())
+    if validation:
+        history = reached.get("validation_history", [])
+        _plot_validation(history, run_dir / name / VALIDATION_PLOT)
+        logger.info("rlr: kept epoch %d of %d, validation %s %.4f (best of %d scored epochs; curve in %s)",
+                    progress["epoch"], reached["epoch"], SELECTION_METRIC, progress[SELECTION_METRIC], len(history),
+                    run_dir / name / VALIDATION_PLOT)
+    return method.load_trained(tensors, survey.channels, survey.grids, {**progress, "checkpoint": chosen.path})
+
+
+def _trainer(train_features: ray.data.Dataset, method: RLR, run_dir: Any, name: str, training: TrainConfig,
+             use_gpu: bool, survey: _Survey, validation: ValidationFeatures | None) -> tuple[TorchTrainer, Any]:
+    """The `TorchTrainer` of run `name` (resuming it from its latest checkpoint, if any) and the channel its rank-0
+    worker posts each finished epoch to."""
+    options = method.options
+    columns = survey.columns
     _say_resume_or_fresh(run_dir, name)
     cpus = worker_cpus(training)
     logger.info("rlr: %d worker(s) with %g CPU(s)%s each", training.num_workers, cpus, " and a GPU" if use_gpu else "")
@@ -172,28 +206,21 @@ def train_rlr(
         ),
         datasets={"train": _streamable(train_features.select_columns(columns), training.num_workers * cpus)},
     )
-    result = _fit_showing_epochs(trainer, epochs, method.options.epochs, on_epoch)
+    return trainer, epochs
+
+
+def _finished_run(path: Any, epochs: int) -> ray.train.Result | None:
+    """The result of the run at `path` when it trained its last epoch or stopped early, else None (none there, or
+    one to resume): a finished run is loaded from its checkpoints without starting any worker."""
+    try:
+        result = ray.train.Result.from_path(str(path))
+    except RuntimeError:  # no such run, or no checkpoint registered yet
+        return None
     if result.checkpoint is None:
-        raise RuntimeError(f"rlr run {name!r} in {run_dir} finished without a checkpoint")
+        return None
     with result.checkpoint.as_directory() as directory:
         reached = json.loads(Path(directory, PROGRESS_FILE).read_text())
-    if reached.get("early_stop"):
-        logger.info("rlr: early stop after epoch %d of %d: %d scored epochs in a row did not beat the best",
-                    reached["epoch"], options.epochs, options.patience)
-    elif reached["epoch"] < options.epochs:
-        logger.info("rlr: the time budget of %g s ran out after epoch %d of %d (%.0f s of training)",
-                    options.time_budget_s, reached["epoch"], options.epochs, reached["elapsed_s"])
-    chosen = result.get_best_checkpoint(SELECTION_METRIC, "max") if validation else result.checkpoint
-    with chosen.as_directory() as directory:
-        tensors = load_file(Path(directory, MODEL_FILE))
-        progress = json.loads(Path(directory, PROGRESS_FILE).read_text())
-    if validation:
-        history = reached.get("validation_history", [])
-        _plot_validation(history, run_dir / name / VALIDATION_PLOT)
-        logger.info("rlr: kept epoch %d of %d, validation %s %.4f (best of %d scored epochs; curve in %s)",
-                    progress["epoch"], reached["epoch"], SELECTION_METRIC, progress[SELECTION_METRIC], len(history),
-                    run_dir / name / VALIDATION_PLOT)
-    return method.load_trained(tensors, survey.channels, survey.grids, {**progress, "checkpoint": chosen.path})
+    return result if reached["epoch"] >= epochs or reached.get("early_stop") else None
 
 
 def run_name(method: RLR, data_key: str) -> str:

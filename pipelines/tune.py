@@ -57,14 +57,14 @@ from reconray.pipelines.fitting import FitContext, TrainConfig
 from reconray.pipelines.ingest import Resources, feature_batches, level_tensors, plan_resources
 from reconray.pipelines.report import plot_grid, scatter_plot
 from reconray.pipelines.runtime import ensure_ray
+from reconray.pipelines.storage import as_location, staged_output
 from reconray.pipelines.train_rlr import ValidationFeatures, train_rlr
 from reconray.pipelines.validation import (
     VALIDATION_METRICS,
     Carving,
     carve,
-    paint_validation_set,
+    paint_validation_split,
     validation_metrics,
-    write_split_csv,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,8 @@ class SweepSummary:
     best_features: dict[str, Any]
     best_objective: float
     best_trial: str
-    out_dir: Path
+    out_dir: Any
+    """The sweep's folder (`Path`) or URI (`UPath`)."""
     timing: dict[str, float] = dataclasses.field(default_factory=dict)
     """Wall seconds of the sweep's stages: `features_s` (backbone, once), `trials_s` (every trial), `best_s`."""
 
@@ -231,11 +232,11 @@ def tune_method(
     if num_samples < 1 or trial_cpus <= 0 or trial_gpus < 0:
         raise OptionError(f"num_samples must be >= 1 and trial_cpus > 0, got {num_samples} and {trial_cpus}")
     check_space(method, space)
-    out_dir = Path(out_dir).resolve()
+    out_dir = as_location(out_dir)  # a URI keeps every trial, checkpoint and result in the bucket: a sweep then
+    # spans the nodes of a cluster and resumes from any driver
     train = validate(split_samples(discover(data, categories), "train")).samples  # the test split is never opened
     carving = carve(train)
-    painted = paint_validation_set(carving.validation, out_dir / "validation", seed=seed)
-    write_split_csv(painted, out_dir / "validation" / "split.csv")
+    painted = paint_validation_split(carving.validation, out_dir / "validation", seed=seed)
     trains = issubclass(METHODS[method], RLR)
     ensure_ray(dashboard=trains)
     resources = resources or plan_resources()
@@ -256,7 +257,7 @@ def tune_method(
         # The driver function only waits on its TorchTrainer, whose worker holds the trial's CPUs and GPUs; Tune
         # refuses an empty request, so the driver asks for one byte of memory and no CPU.
         trainable = tune.with_resources(
-            tune.with_parameters(_rlr_trial, training=training, trials_dir=work_dir / "trials", **setting),
+            tune.with_parameters(_rlr_trial, training=training, trials_dir=str(work_dir / "trials"), **setting),
             {"cpu": 0, "memory": 1})
         max_concurrent = max_concurrent or max(1, math.floor(ray.cluster_resources().get("CPU", 1) / trial_cpus))
         scheduler = _asha(method, space)
@@ -282,12 +283,14 @@ def tune_method(
     results = tuner.fit()
     trials_s = time.perf_counter() - started
     trials = [_trial_row(result, objective) for result in results]
-    summary = _summarize(trials, objective, method, out_dir, searched=[key for key, spec in space.items()
-                                                                        if isinstance(spec, dict)])
+    with staged_output(str(out_dir)) as local_out:
+        summary = _summarize(trials, objective, method, local_out, out_dir,
+                             searched=[key for key, spec in space.items() if isinstance(spec, dict)])
     best_features = default_features | summary.best_features
     # An rlr fit resumes the best trial's finished run (same name: options and features), so it is not trained again.
-    fit_model(data, method, out_dir / "best", categories=categories, backbone=backbone, options=summary.best_options,
-              exclude=[sample.image for sample in carving.validation], resources=resources, training=training,
+    fit_model(data, method, str(out_dir / "best"), categories=categories, backbone=backbone,
+              options=summary.best_options, exclude=[sample.image for sample in carving.validation],
+              resources=resources, training=training,
               work_dir=work_dir / "trials" / summary.best_trial if trains else work_dir,
               feature_cache=work_dir / "cache", **best_features)
     summary.timing = {"features_s": features_s, "trials_s": trials_s,
@@ -299,7 +302,7 @@ def tune_method(
 
 
 def _sweep_features(spec: ModelSpec, carving: Carving, painted: Sequence[Sample], resources: Resources,
-                    work_dir: Path, trains: bool) -> dict[str, Any]:
+                    work_dir: Any, trains: bool) -> dict[str, Any]:
     """The features every trial of one feature setting reads. Ray Train workers read a dataset shard, so a trained
     method gets its fit features as the Parquet cache (`fit_model`'s, for `best/`) read into the object store once."""
     if not trains:
@@ -398,7 +401,7 @@ def _bank_trial(config: dict[str, Any], method: str, features: dict[str, Any],
 
 
 def _rlr_trial(config: dict[str, Any], method: str, features: dict[str, Any], default_features: dict[str, Any],
-               training: TrainConfig, trials_dir: Path) -> None:
+               training: TrainConfig, trials_dir: str) -> None:
     """An rlr trial, a driver function as in Ray's Train + Tune guide: it builds and runs a `TorchTrainer`
     (its run in `trials_dir/<trial id>/train`, named like `fit_model`'s so that `best/` reuses the trained model) whose
     rank-0 worker scores the validation split every epoch; the driver
@@ -414,7 +417,8 @@ def _rlr_trial(config: dict[str, Any], method: str, features: dict[str, Any], de
         if record["epoch"] < epochs:  # the last epoch is reported once, below, with the threshold and timings
             tune.report(record)
 
-    model = train_rlr(data["fit"], model, trials_dir / tune.get_context().get_trial_id() / "train", training,
+    run = as_location(trials_dir) / tune.get_context().get_trial_id() / "train"
+    model = train_rlr(data["fit"], model, run, training,
                       data_key=data["data_key"], validation=ValidationFeatures(data["validation"], data["image_size"]),
                       on_epoch=report_epoch)
     fitted = time.perf_counter()
@@ -436,8 +440,7 @@ def _trial_row(result: Any, objective: str) -> dict[str, Any]:
     compete for the best setting.
     """
     metrics = result.metrics or {}
-    params = Path(result.path) / "params.json"  # a trial that failed after a resume comes back without its config
-    config = result.config or (json.loads(params.read_text()) if params.is_file() else {})
+    config = result.config or _stored_params(result)
     row = {"trial_id": metrics.get("trial_id") or Path(result.path).name, **config}
     row |= {name: metrics.get(name) for name in (*VALIDATION_METRICS, "threshold", "fit_s", "score_s")}
     row["trial_s"] = metrics.get("time_total_s")
@@ -448,6 +451,16 @@ def _trial_row(result: Any, objective: str) -> dict[str, Any]:
     row["error"] = str(result.error).strip().splitlines()[-1] if result.error else ""
     row["objective"] = metrics.get(objective)
     return row
+
+
+def _stored_params(result: Any) -> dict[str, Any]:
+    """A trial's params.json, read through its storage filesystem (a folder or a bucket): a trial that failed after
+    a resume comes back without its config."""
+    try:
+        with result.filesystem.open_input_stream(f"{result.path}/params.json") as stream:
+            return json.loads(stream.read())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def parameter_influence(trials: Sequence[dict[str, Any]], parameters: Sequence[str]) -> dict[str, float]:
@@ -490,9 +503,10 @@ def _plot(trials: Sequence[dict[str, Any]], objective: str, searched: Sequence[s
     plot_grid(plots).save(path)
 
 
-def _summarize(trials: list[dict[str, Any]], objective: str, method: str, out_dir: Path,
+def _summarize(trials: list[dict[str, Any]], objective: str, method: str, out_dir: Path, shown_dir: Any,
                searched: Sequence[str]) -> SweepSummary:
-    """Writes results.csv, results.md, objective.png and best.yaml; refuses a sweep in which every trial failed."""
+    """Writes results.csv, results.md, objective.png and best.yaml into `out_dir`, the local side of the sweep's
+    `shown_dir`; refuses a sweep in which every trial failed."""
     columns = list(dict.fromkeys(key for row in trials for key in row))
     with (out_dir / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -509,10 +523,10 @@ def _summarize(trials: list[dict[str, Any]], objective: str, method: str, out_di
     if not finished:
         errors = sorted({row["error"] for row in trials})
         raise OptionError(f"every one of the {len(trials)} trials failed; errors: {errors}; see "
-                          f"{out_dir / 'results.md'}")
+                          f"{shown_dir / 'results.md'}")
     best = max(finished, key=lambda row: row["objective"])
     options = {key: best[key] for key in METHODS[method].Options.model_fields if key in best}
     features = {key: best[key] for key in FEATURE_KEYS if key in best}
     (out_dir / "best.yaml").write_text(yaml.safe_dump({"method": method, "options": options, **features,
                                                        objective: float(best["objective"])}, sort_keys=False))
-    return SweepSummary(trials, options, features, float(best["objective"]), best["trial_id"], out_dir)
+    return SweepSummary(trials, options, features, float(best["objective"]), best["trial_id"], shown_dir)

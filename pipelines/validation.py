@@ -54,6 +54,7 @@ from reconray.methods.metrics import compute_metrics, mean_metrics
 from reconray.methods.scoring import content_mask, score_features
 from reconray.pipelines.datasets import NORMAL, Sample, decode_rgb
 from reconray.pipelines.ingest import level_tensors
+from reconray.pipelines.storage import is_uri, joined, staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +240,31 @@ def paint_validation_set(validation: Sequence[Sample], out_dir: str | Path, seed
 
 VALIDATION_METRICS = ("mean_auroc", "image_auroc", "pixel_auroc", "aupro", "pixel_ap")
 """What `validation_metrics` reports; `mean_auroc` (the mean of image and pixel AUROC) is the default objective."""
+
+
+def paint_validation_split(validation: Sequence[Sample], target: str | Path, seed: int = 0) -> list[Sample]:
+    """`paint_validation_set` into `target`, a folder or a URI, with the split's `split.csv` beside the images.
+
+    For a URI the images are painted in a local staging folder and uploaded, and the samples returned name the
+    uploaded objects: the workers of every node read them from there.
+    """
+    if not is_uri(target):
+        painted = paint_validation_set(validation, target, seed=seed)
+        write_split_csv(painted, Path(target) / "split.csv")
+        return painted
+    with staged_output(str(target)) as local:
+        painted = paint_validation_set(validation, local, seed=seed)
+        write_split_csv(painted, local / "split.csv")
+    return [_moved(sample, local, str(target)) for sample in painted]
+
+
+def _moved(sample: Sample, local: Path, uri: str) -> Sample:
+    """`sample` with its files under the folder `local` named where they were uploaded to, under `uri`."""
+    def moved(location: str | None) -> str | None:
+        inside = location is not None and Path(location).is_relative_to(local)
+        return joined(uri, Path(location).relative_to(local).as_posix()) if inside else location
+
+    return dataclasses.replace(sample, image=moved(sample.image), mask=moved(sample.mask))
 
 
 def validation_metrics(method: AnomalyMethod, batches: Sequence[dict[str, np.ndarray]], image_size: int) -> dict:
@@ -472,9 +498,9 @@ def write_split_csv(samples: Sequence[Sample], path: str | Path) -> Path:
 
 
 def _relative_to(file: str | None, folder: Path) -> str:
-    """`file` relative to `folder` when it lies inside it (a portable CSV), else its absolute path."""
-    if not file:
-        return ""
+    """`file` relative to `folder` when it lies inside it (a portable CSV), else its absolute path or its URI."""
+    if not file or is_uri(file):
+        return file or ""
     resolved = Path(file).resolve()
     try:
         return resolved.relative_to(folder.resolve()).as_posix()

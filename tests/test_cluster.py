@@ -66,19 +66,26 @@ def _nodes_of_actors(cluster: Cluster, class_name: str) -> set[str]:
 def test_the_readme_cluster_session_fits_and_evaluates_from_a_bucket_on_both_nodes(
     cluster: Cluster, synthetic_root: Path, bucket: str, tmp_path: Path
 ) -> None:
-    """The README's commands, bucket and ports substituted: start, submit fit and evaluate, watch, fetch, stop."""
+    """The README's commands, bucket, ports and image substituted: start, submit fit and evaluate, serve the model as
+    a job and score an image over HTTP, watch, fetch, stop."""
     upload_tree(synthetic_root, f"{bucket}/data")
     name = bucket.removeprefix("s3://")
+    image = sorted((synthetic_root / "nut" / "test").glob("*/*.png"))[-1]
+    http_port = str(free_port())
     commands = [line.replace("http://127.0.0.1:8266", cluster.dashboard).replace("s3://factory", bucket)
                 .replace("'factory/", f"'{name}/").replace("'runs/sgfr'", repr(str(tmp_path / "fetched")))
+                .replace("8000", http_port).replace("@part.png", f"@{image}")
                 for line in _readme_session()]
     assert commands[-1] == "cluster/local-cluster.sh stop"
     for command in commands[:-1]:
         done = subprocess.run(command, shell=True, cwd=REPO, env=cluster.env, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, f"{command}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-        if command.startswith("ray job submit"):
+        if command.startswith("ray job submit") and "--no-wait" not in command:
             assert "succeeded" in done.stdout + done.stderr, done.stdout[-4000:]
+        if "/v1/score" in command:  # the served model is the one the fit job wrote to the bucket
+            answer = json.loads(done.stdout)
+            assert answer["model"]["method"] == "sgfr" and answer["score"] > 0, answer
         if command.endswith("status"):
             assert "node_head" in done.stdout and "node_worker" in done.stdout, done.stdout
 

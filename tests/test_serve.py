@@ -341,11 +341,15 @@ def models_folder(tmp_path_factory: pytest.TempPathFactory, fitted_model: Path, 
     return folder
 
 
-def test_model_catalog_names_and_refusals(models_folder: Path, fitted_model: Path) -> None:
-    """A folder of artifacts serves each under its folder name; one artifact is a one-model service; names must be
-    one URL path segment; a global threshold is refused with several models."""
+def test_model_catalog_names_and_refusals(models_folder: Path, fitted_model: Path, bucket: str) -> None:
+    """A folder of artifacts, local or in a bucket, serves each under its folder name; one artifact is a one-model
+    service; names must be one URL path segment; a global threshold is refused with several models."""
     assert model_catalog(ServeOptions(model_dir=str(models_folder))) == {
         name: str(models_folder / name) for name in ("nut", "nut-strict", "tall")}
+    uri = upload_tree(models_folder, f"{bucket}/lines")
+    names = ("nut", "nut-strict", "tall")
+    assert model_catalog(ServeOptions(model_dir=uri)) == {name: f"{uri}/{name}" for name in names}
+    assert model_catalog(ServeOptions(model_dir=f"{uri}/nut")) is None
     assert model_catalog(ServeOptions(model_dir=str(fitted_model))) is None
     assert model_catalog(ServeOptions(models={"a": str(fitted_model)})) == {"a": str(fitted_model)}
     with pytest.raises(ValueError, match="model name 'a/b'"):

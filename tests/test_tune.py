@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from ray import tune
 
 from reconray.methods.errors import OptionError
 from reconray.pipelines.cli import _fit_setting, _parser, main
@@ -34,16 +35,27 @@ def unreadable_test_split(synthetic_root: Path, tmp_path: Path) -> Path:
     return data
 
 
-def test_a_four_trial_sgfr_sweep_writes_its_table_and_best_setting(ray_session, unreadable_test_split, tmp_path):
-    """Optuna's sampler here (the random and grid search in the other sweeps); the test images cannot be opened. The
-    feature aggregation is searched too: features are extracted once per setting, and best/ is fitted on its own."""
+def test_a_four_trial_sgfr_sweep_in_a_bucket_writes_its_table_and_best_setting(ray_session, unreadable_test_split,
+                                                                               bucket, tmp_path):
+    """Optuna's sampler here (the random and grid search in the other sweeps); the test images cannot be opened;
+    `--out` is an s3:// URI on the loopback S3 server, so the sweep's state, the painted validation split, the
+    results and best/ all go to the bucket. The feature aggregation is searched too: features are extracted once per
+    setting, and best/ is fitted on its own."""
+    import s3fs
+
     space = {"k": {"choice": [4, 8]}, "lam": {"loguniform": [0.001, 0.1]}, "basis_ratio": 0.2,
              "aggregation": {"choice": ["pool-align", "align-pool"]}}
-    out = tmp_path / "sweep"
-    summary = tune_method(unreadable_test_split, "sgfr", out, space=space, num_samples=4, categories=["nut"],
+    uri = f"{bucket}/sweep"
+    summary = tune_method(unreadable_test_split, "sgfr", uri, space=space, num_samples=4, categories=["nut"],
                           image_size=64, trial_cpus=1.0, search="optuna")
     assert len(summary.trials) == 4 and all(row["status"] == "ok" for row in summary.trials)
-    assert list((out / "sweep").glob("searcher-state-*"))  # Tune saved the Optuna searcher's state with the sweep
+    assert str(summary.out_dir) == uri
+    assert tune.Tuner.can_restore(f"{uri}/sweep")  # rerunning the command resumes from the bucket
+    filesystem, out = s3fs.S3FileSystem(skip_instance_cache=True), tmp_path / "sweep"
+    root = uri.removeprefix("s3://")
+    for name in ("objective.png", "results.csv", "best.yaml", "best/config.json"):
+        filesystem.get_file(f"{root}/{name}", str(_made(out / name)))
+    assert filesystem.glob(f"{root}/sweep/searcher-state-*")  # Tune saved the Optuna searcher's state with the sweep
     with Image.open(out / "objective.png") as plot:
         assert plot.size == (880, 720)  # trials in order, then the objective against the two searched parameters
     with (out / "results.csv").open() as handle:
@@ -55,11 +67,16 @@ def test_a_four_trial_sgfr_sweep_writes_its_table_and_best_setting(ray_session, 
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["method"] == "sgfr" and best["options"]["basis_ratio"] == 0.2 and best["options"]["k"] in (4, 8)
     # best/ is the best setting fitted on the same fit images: scored on the validation split, it gives the objective.
-    metrics = evaluate_model(out / "best", out / "validation" / "split.csv", tmp_path / "check")
+    metrics = evaluate_model(f"{uri}/best", f"{uri}/validation/split.csv", tmp_path / "check")
     mean = metrics["mean"]
     assert (mean["image_auroc"] + mean["pixel_auroc"]) / 2 == pytest.approx(summary.best_objective, abs=1e-6)
     config = json.loads((out / "best" / "config.json").read_text())
     assert config["options"]["k"] == best["options"]["k"] and config["spec"]["aggregation"] == best["aggregation"]
+
+
+def _made(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def test_bad_search_spaces_are_refused_naming_the_key(tmp_path: Path) -> None:
