@@ -3,7 +3,9 @@ jobs submitted with `ray job submit`, every input and output in a bucket of the 
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -63,11 +65,12 @@ def _nodes_of_actors(cluster: Cluster, class_name: str) -> set[str]:
     return {names[actor.node_id] for actor in actors}
 
 
-def test_the_readme_cluster_session_fits_and_evaluates_from_a_bucket_on_both_nodes(
+def test_the_readme_cluster_session_runs_every_command_from_a_bucket_on_both_nodes(
     cluster: Cluster, synthetic_root: Path, bucket: str, tmp_path: Path
 ) -> None:
-    """The README's commands, bucket, ports and image substituted: start, submit fit and evaluate, serve the model as
-    a job and score an image over HTTP, watch, fetch, stop."""
+    """The README's commands, bucket, ports and image substituted: start, submit an sgfr fit and its evaluation, a
+    two-worker rlr fit and a two-trial sweep, serve the sgfr model as a job and score an image over HTTP, watch,
+    fetch, stop."""
     upload_tree(synthetic_root, f"{bucket}/data")
     name = bucket.removeprefix("s3://")
     image = sorted((synthetic_root / "nut" / "test").glob("*/*.png"))[-1]
@@ -83,6 +86,8 @@ def test_the_readme_cluster_session_fits_and_evaluates_from_a_bucket_on_both_nod
         assert done.returncode == 0, f"{command}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
         if command.startswith("ray job submit") and "--no-wait" not in command:
             assert "succeeded" in done.stdout + done.stderr, done.stdout[-4000:]
+        if "--num-workers 2" in command:  # its workers hold every CPU: the features are read before training starts
+            assert "reading them into the object store first" in done.stdout + done.stderr, done.stdout[-4000:]
         if "/v1/score" in command:  # the served model is the one the fit job wrote to the bucket
             answer = json.loads(done.stdout)
             assert answer["model"]["method"] == "sgfr" and answer["score"] > 0, answer
@@ -96,5 +101,11 @@ def test_the_readme_cluster_session_fits_and_evaluates_from_a_bucket_on_both_nod
     assert all(values["n_images"] == 8 and 0 <= values["pixel_auroc"] <= 1 for values in metrics["categories"].values())
     assert (tmp_path / "fetched" / "report.md").is_file() and list((tmp_path / "fetched" / "heatmaps").rglob("*.png"))
     assert _nodes_of_actors(cluster, "MapWorker(MapBatches(_FeatureActor))") == {"head", "worker"}  # the fit's
+    assert _nodes_of_actors(cluster, "RayTrainWorker") == {"head", "worker"}  # rlr's two workers, one per node
+    assert _nodes_of_actors(cluster, "ImplicitFunc") == {"head", "worker"}  # the sweep's two trials, one per node
+    assert json.loads(storage.cat_file(f"{bucket}/models/rlr/config.json"))["method"] == "rlr"
+    trials = list(csv.DictReader(io.StringIO(storage.cat_file(f"{bucket}/sweeps/patchcore/results.csv").decode())))
+    assert [row["status"] for row in trials] == ["ok", "ok"]
+    assert storage.exists(f"{bucket}/sweeps/patchcore/best/config.json")
     stopped = subprocess.run(commands[-1], shell=True, cwd=REPO, env=cluster.env, capture_output=True, timeout=120)
     assert stopped.returncode == 0 and not subprocess.run(["pgrep", "-f", cluster.env["CLUSTER_DIR"]]).returncode == 0
