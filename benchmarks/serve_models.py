@@ -10,7 +10,8 @@ one client per model posting its category's test images in a loop:
 1. four models (as many as the pool's slots): with routing by multiplexed model id, each model loads once and stays
    where its traffic goes, so cold starts stay at about one per model whatever the number of requests;
 2. six models (more than the slots): replicas must drop their least recently used model, and cold starts recur.
-Per phase: requests, failures, cold starts, p50/p99 latency of warm and of cold requests. Written under --out:
+Per phase: requests, failures, cold starts (and when the last one came), p50/p99 latency of warm and of cold
+requests. Written under --out:
 serve_models.json; the table (markdown) goes to stdout.
 """
 
@@ -20,7 +21,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -62,6 +62,7 @@ def _fit_models(out: Path) -> tuple[dict[str, str], dict[str, list[bytes]]]:
 async def _drive(url: str, payloads: dict[str, list[bytes]], seconds: float) -> list[dict]:
     """One client per model, each posting its next payload as soon as the previous answer arrives."""
     records: list[dict] = []
+    began = time.perf_counter()
     async with httpx.AsyncClient(timeout=120.0) as client:
 
         async def client_of(name: str) -> None:
@@ -72,7 +73,7 @@ async def _drive(url: str, payloads: dict[str, list[bytes]], seconds: float) -> 
                                              headers={"Content-Type": "image/png"})
                 body = response.json() if response.status_code == 200 else {}
                 records.append({"model": name, "status": response.status_code, "cold_start": body.get("cold_start"),
-                                "latency_ms": 1000.0 * (time.perf_counter() - sent)})
+                                "latency_ms": 1000.0 * (time.perf_counter() - sent), "at_s": sent - began})
                 index += 1
 
         await asyncio.gather(*(client_of(name) for name in payloads))
@@ -88,6 +89,7 @@ def _summary(records: list[dict], models: int) -> dict:
     cold = [record["latency_ms"] for record in ok if record["cold_start"]]
     return {"models": models, "slots": SLOTS_PER_REPLICA * REPLICAS, "requests": len(records),
             "failed": len(records) - len(ok), "cold_starts": len(cold),
+            "last_cold_start_s": max((record["at_s"] for record in ok if record["cold_start"]), default=None),
             "cold_starts_per_model": {name: sum(bool(record["cold_start"]) for record in ok if record["model"] == name)
                                       for name in sorted({record["model"] for record in records})},
             "warm_p50_ms": percentiles(warm)[0], "warm_p99_ms": percentiles(warm)[1],
@@ -98,12 +100,12 @@ def table(phases: dict[str, dict]) -> str:
     def cell(value: float | None) -> str:
         return "" if value is None else f"{value:.0f}"
 
-    lines = ["| phase | models | slots | requests | failed | cold starts | warm p50 / p99 ms | cold p50 / p99 ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| phase | models | slots | requests | failed | cold starts | last cold start (s into the phase) | "
+             "warm p50 / p99 ms | cold p50 / p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
     for phase, row in phases.items():
         lines.append(f"| {phase} | {row['models']} | {row['slots']} | {row['requests']} | {row['failed']} | "
-                     f"{row['cold_starts']} | {cell(row['warm_p50_ms'])} / {cell(row['warm_p99_ms'])} | "
-                     f"{cell(row['cold_p50_ms'])} / {cell(row['cold_p99_ms'])} |")
+                     f"{row['cold_starts']} | {cell(row['last_cold_start_s'])} | {cell(row['warm_p50_ms'])} / "
+                     f"{cell(row['warm_p99_ms'])} | {cell(row['cold_p50_ms'])} / {cell(row['cold_p99_ms'])} |")
     return "\n".join(lines)
 
 
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
         logger.info("%s: %s", phase, json.dumps(phases[phase]))
         serve.delete(APP_NAME)
     serve.shutdown()
-    return {"command": " ".join(sys.argv), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "phases": phases}
+    return {"command": " ".join(sys.argv), "cpu": cpu_model(), "phases": phases}
 
 
 def main() -> None:
@@ -136,7 +138,7 @@ def main() -> None:
         report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_models.json").write_text(json.dumps(report, indent=2))
-    print(f"\n{report['cpu']}, {report['cpu_count']} CPUs\n")
+    print(f"\n{report['cpu']}\n")
     print(table(report["phases"]))
 
 
