@@ -54,6 +54,24 @@ S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
 os.environ |= {"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
                "AWS_CONFIG_FILE": os.devnull}
+GCS_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+# gs:// goes to a loopback GCS emulator the same way (gcsfs reads STORAGE_EMULATOR_HOST); gcsfs's probe of a bucket's
+# type (zonal, hierarchical) speaks gRPC over TLS, which no emulator answers, so it is switched off before import.
+os.environ |= {"STORAGE_EMULATOR_HOST": GCS_ENDPOINT, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+
+def _serving(process: subprocess.Popen, endpoint: str, name: str) -> None:
+    """Waits until the server started as `process` accepts connections on `endpoint`."""
+    port = int(endpoint.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start on {endpoint}") from None
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")
@@ -63,19 +81,31 @@ def s3_server() -> Iterator[str]:
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start on {S3_ENDPOINT}") from None
-                time.sleep(0.1)
+        _serving(process, S3_ENDPOINT, "moto server")
         yield S3_ENDPOINT
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[str]:
+    """A GCS emulator (the PyPI package gcp-storage-emulator, in memory) on loopback; yields its URL. Requests go
+    unauthenticated (fsspec's gcs token "anon")."""
+    import fsspec
+
+    port = GCS_ENDPOINT.rsplit(":", 1)[1]
+    command = [str(Path(sys.executable).with_name("gcp-storage-emulator")), "start", "--host", "127.0.0.1", "--port",
+               port, "--in-memory"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(fsspec.config.conf, "gcs", {"token": "anon", "project": "test"})
+        try:
+            _serving(process, GCS_ENDPOINT, "GCS emulator")
+            yield GCS_ENDPOINT
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
 
 
 @pytest.fixture

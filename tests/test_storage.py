@@ -16,7 +16,7 @@ from reconray.methods.errors import ArtifactError, DatasetError
 from reconray.pipelines.cli import main
 from reconray.pipelines.datasets import decode_rgb, discover, load_mask, validate
 from reconray.pipelines.evaluate import predict_images
-from reconray.pipelines.storage import local_model
+from reconray.pipelines.storage import local_model, staged_output
 
 
 def _s3() -> s3fs.S3FileSystem:
@@ -128,3 +128,30 @@ def test_evaluate_and_predict_read_and_write_a_bucket(ray_session: None, fitted_
     assert flagged, table  # the defective images are above the calibrated threshold
     assert written.anomalous == len(flagged) and all(Path(row["heatmap"]).is_file() for row in flagged)
     assert all(row["heatmap"] is None for row in table if not row["is_anomalous"])
+
+
+def test_gs_uris_take_the_same_discovery_reads_model_fetch_and_uploads(gcs_server: str, synthetic_root: Path,
+                                                                      fitted_model: Path, tmp_path: Path) -> None:
+    """gs:// on a loopback GCS emulator, through the functions every command and Ray worker uses for a URI: the same
+    samples and pixels as on disk, a model fetched and hash-checked, outputs uploaded, a missing bucket named."""
+    import fsspec
+
+    gcs = fsspec.filesystem("gs", skip_instance_cache=True)
+    gcs.mkdir("factory")
+    for path in sorted((synthetic_root / "nut").rglob("*")):
+        if path.is_file():
+            gcs.put_file(str(path), f"factory/data/nut/{path.relative_to(synthetic_root / 'nut').as_posix()}")
+    gcs.put(str(fitted_model), "factory/models/nut", recursive=True)
+    uri = "gs://factory/data"
+    assert _relative(discover(uri), uri) == _relative(discover(synthetic_root, ["nut"]), str(synthetic_root))
+    defective = next(sample for sample in discover(uri) if sample.label == 1)
+    assert np.array_equal(decode_rgb(defective.image), decode_rgb(synthetic_root / defective.image.removeprefix(
+        f"{uri}/")))
+    assert len(validate(discover(uri)).samples) == len(discover(uri))
+    fetched = local_model("gs://factory/models/nut")
+    assert (fetched / "config.json").read_bytes() == (fitted_model / "config.json").read_bytes()
+    with staged_output("gs://factory/runs/nut") as local:
+        (local / "metrics.json").write_text("{}")
+    assert gcs.cat_file("factory/runs/nut/metrics.json") == b"{}"
+    with pytest.raises(DatasetError, match=r"gs://nowhere/data: not found \(bucket 'nowhere' does not exist\)"):
+        discover("gs://nowhere/data")
