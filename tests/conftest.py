@@ -9,6 +9,7 @@ Tiers: every test is `unit` or `integration` (see "tiers" below), so `pytest -m 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -60,32 +61,33 @@ GCS_ENDPOINT = f"http://127.0.0.1:{free_port()}"
 os.environ |= {"STORAGE_EMULATOR_HOST": GCS_ENDPOINT, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 
 
-def _serving(process: subprocess.Popen, endpoint: str, name: str) -> None:
-    """Waits until the server started as `process` accepts connections on `endpoint`."""
+@contextlib.contextmanager
+def _server(command: list[str], endpoint: str, name: str) -> Iterator[str]:
+    """Runs the server `command` until the block ends, once it accepts connections on `endpoint`; yields it."""
     port = int(endpoint.rsplit(":", 1)[1])
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start on {endpoint}") from None
-            time.sleep(0.1)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start on {endpoint}") from None
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A real S3-compatible server (moto's standalone server) on loopback for the whole session; yields its URL."""
     port = S3_ENDPOINT.rsplit(":", 1)[1]
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _serving(process, S3_ENDPOINT, "moto server")
+    with _server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port], S3_ENDPOINT, "moto server"):
         yield S3_ENDPOINT
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -94,18 +96,11 @@ def gcs_server() -> Iterator[str]:
     unauthenticated (fsspec's gcs token "anon")."""
     import fsspec
 
-    port = GCS_ENDPOINT.rsplit(":", 1)[1]
     command = [str(Path(sys.executable).with_name("gcp-storage-emulator")), "start", "--host", "127.0.0.1", "--port",
-               port, "--in-memory"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with pytest.MonkeyPatch.context() as patch:
+               GCS_ENDPOINT.rsplit(":", 1)[1], "--in-memory"]
+    with pytest.MonkeyPatch.context() as patch, _server(command, GCS_ENDPOINT, "GCS emulator"):
         patch.setitem(fsspec.config.conf, "gcs", {"token": "anon", "project": "test"})
-        try:
-            _serving(process, GCS_ENDPOINT, "GCS emulator")
-            yield GCS_ENDPOINT
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+        yield GCS_ENDPOINT
 
 
 @pytest.fixture
