@@ -34,8 +34,8 @@ def _relative(samples: list, root: str) -> list[tuple]:
 
 def test_a_bucket_prefix_is_discovered_and_decoded_like_the_folder(synthetic_root: Path, files: FileBuilder,
                                                                     bucket: str) -> None:
-    """MVTec layout, split CSV and plain folder, each under a bucket prefix: the same samples as on disk, the same
-    pixels and masks, and the validation pass reads every object."""
+    """MVTec layout, split CSV, plain folder and MVTec 3D (root and category), each under a bucket prefix: the same
+    samples as on disk, the same pixels and masks, and the validation pass reads every object."""
     uri = upload_tree(synthetic_root, f"{bucket}/synthetic")
     assert _relative(discover(uri), uri) == _relative(discover(synthetic_root), str(synthetic_root))
     samples = discover(uri, ["nut"])
@@ -61,6 +61,12 @@ def test_a_bucket_prefix_is_discovered_and_decoded_like_the_folder(synthetic_roo
     folder = discover(f"{csv_uri}/img")
     assert [(sample.image, sample.category, sample.split) for sample in folder] == [
         (f"{csv_uri}/img/a.png", "img", "train"), (f"{csv_uri}/img/b.png", "img", "train")]
+
+    mvtec3d = files.mvtec3d("mvtec3d", categories=("bagel", "cookie"))
+    mvtec3d_uri = upload_tree(mvtec3d, f"{bucket}/mvtec3d")
+    assert _relative(discover(mvtec3d_uri), mvtec3d_uri) == _relative(discover(mvtec3d), str(mvtec3d))
+    assert _relative(discover(f"{mvtec3d_uri}/cookie"), mvtec3d_uri) == _relative(discover(mvtec3d / "cookie"),
+                                                                                   str(mvtec3d))
 
 
 def test_missing_bucket_missing_credentials_and_truncated_objects_name_the_uri(
