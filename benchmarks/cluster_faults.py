@@ -10,8 +10,8 @@ categories) and submits `reconray` jobs with the Ray Jobs API, the way `ray job 
    against the undisturbed two-node run;
 3. an rlr fit with two Ray Train workers, one per node (1 CPU each), checkpoints every epoch in the bucket: the worker
    node is stopped after the second checkpoint and started again 5 s later (what a cluster autoscaler does);
-   `FailureConfig` restarts the worker group from the last checkpoint: outcome, epochs, wall time against an
-   undisturbed run.
+   `FailureConfig` restarts the worker group from the last checkpoint: outcome, epochs, wall time and the evaluated
+   model's metrics against an undisturbed run.
 Each job's log and a summary.json are written under --out; the result table (markdown) goes to stdout.
 """
 
@@ -105,14 +105,18 @@ def _metrics(uri: str) -> dict[str, float]:
     return {name: round(metrics["mean"][name], 4) for name in ("image_auroc", "pixel_auroc", "aupro")}
 
 
+def _evaluated(cluster: Cluster, name: str, out: Path, data: str, model: str) -> dict[str, Any]:
+    """The evaluate job of `model` (its status and wall time) and the mean metrics it wrote to the bucket."""
+    record = {"evaluate": cluster.run(f"{name}-evaluate", out, "evaluate", "--model", model, "--data", data, "--out",
+                                      f"s3://{BUCKET}/{name}/evaluation")}
+    return record | {"metrics": _metrics(f"s3://{BUCKET}/{name}/evaluation")}
+
+
 def _fit_evaluate(cluster: Cluster, name: str, out: Path, data: str, size: int) -> dict[str, Any]:
     model = f"s3://{BUCKET}/{name}/model"
     record = {"fit": cluster.run(f"{name}-fit", out, "fit", "--data", data, "--method", "sgfr", "--image-size",
                                  str(size), "--out", model)}
-    record["evaluate"] = cluster.run(f"{name}-evaluate", out, "evaluate", "--model", model, "--data", data, "--out",
-                                     f"s3://{BUCKET}/{name}/evaluation")
-    record["metrics"] = _metrics(f"s3://{BUCKET}/{name}/evaluation")
-    return record
+    return record | _evaluated(cluster, name, out, data, model)
 
 
 def _checkpoints(work: str) -> int:
@@ -165,9 +169,7 @@ def _bank_fault(cluster: Cluster, out: Path, data: str, size: int, undisturbed_s
                                       "stopped_after_s": round(undisturbed_s / 3, 1)}}
     cluster.control("start-worker")
     if status == "SUCCEEDED":
-        record["evaluate"] = cluster.run("bank-fault-evaluate", out, "evaluate", "--model", model, "--data", data,
-                                         "--out", f"s3://{BUCKET}/bank-fault/evaluation")
-        record["metrics"] = _metrics(f"s3://{BUCKET}/bank-fault/evaluation")
+        record |= _evaluated(cluster, "bank-fault", out, data, model)
     return record
 
 
@@ -176,6 +178,7 @@ def _rlr_runs(cluster: Cluster, out: Path, data: str, size: int) -> dict[str, An
     fit = ["fit", "--data", data, "--method", "rlr", *RLR_OPTIONS, "--image-size", str(size), "--num-workers", "2",
            "--cpus-per-worker", "1", "--checkpoint-every", "1", "--max-failures", "2"]
     record: dict[str, Any] = {"undisturbed": cluster.run("rlr-fit", out, *fit, "--out", f"s3://{BUCKET}/rlr/model")}
+    record["undisturbed"] |= _evaluated(cluster, "rlr", out, data, f"s3://{BUCKET}/rlr/model")
     model = f"s3://{BUCKET}/rlr-fault/model"
     job = cluster.submit(*fit, "--out", model)
     started = time.perf_counter()
@@ -192,6 +195,7 @@ def _rlr_runs(cluster: Cluster, out: Path, data: str, size: int) -> dict[str, An
         config = json.loads(_s3().cat_file(f"{model}/config.json"))
         record["fault"]["epoch"] = config["method_info"].get("epoch")
         record["fault"]["restored"] = "resum" in (out / "rlr-fault-fit.log").read_text().lower()
+        record["fault"] |= _evaluated(cluster, "rlr-fault", out, data, model)
     return record
 
 
@@ -220,8 +224,8 @@ def table(summary: dict[str, Any]) -> str:
     rlr_fault = rlr["fault"]
     lines.append(f"| worker node stopped at {rlr_fault['stopped_after_s']} s, back 5 s later | rlr 2-worker training | "
                  f"{rlr_fault['status']}, epoch {rlr_fault.get('epoch')} | "
-                 f"{rlr_fault['wall_s'] - rlr['undisturbed']['wall_s']:+.1f} s | checkpoints in S3: "
-                 f"{rlr_fault['checkpoints']} |")
+                 f"{rlr_fault['wall_s'] - rlr['undisturbed']['wall_s']:+.1f} s | "
+                 f"{rlr_fault.get('metrics')} vs {rlr['undisturbed'].get('metrics')} |")
     return "\n".join(lines)
 
 
