@@ -48,14 +48,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+# Picked once per test process: collecting the suite again in-process (tests/test_tiers.py) imports this module again,
+# and a second pick would point the environment at a port no server listens on.
+S3_ENDPOINT = os.environ.setdefault("RECONRAY_TEST_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")
 # Object storage is configured the usual way, through the environment, and set here before any test starts Ray:
 # Ray's worker processes inherit the driver's environment when the session's Ray starts, so every Ray Data worker and
 # Serve replica reaches the same loopback S3 server the test fixture starts (and no test can reach a real bucket).
 os.environ |= {"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
                "AWS_CONFIG_FILE": os.devnull}
-GCS_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+GCS_ENDPOINT = os.environ.setdefault("RECONRAY_TEST_GCS_ENDPOINT", f"http://127.0.0.1:{free_port()}")
 # gs:// goes to a loopback GCS emulator the same way (gcsfs reads STORAGE_EMULATOR_HOST); gcsfs's probe of a bucket's
 # type (zonal, hierarchical) speaks gRPC over TLS, which no emulator answers, so it is switched off before import.
 os.environ |= {"STORAGE_EMULATOR_HOST": GCS_ENDPOINT, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
