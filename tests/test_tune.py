@@ -166,7 +166,9 @@ def test_a_killed_sweep_resumes_records_a_failing_trial_and_a_finished_sweep_is_
     # Six trials: Tune saves its state every few seconds, so a sweep of three could end before a kill sees the first.
     grid = [4, 100_000, 8, 12, 16, 24]
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"k": {"grid": grid}, "basis_ratio": 0.2}))
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    # Tune then saves the sweep's state every second (by default it spaces its saves out to a share of the run
+    # time, which on a fast machine let a whole sweep finish before the first save showed a finished trial).
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"TUNE_GLOBAL_CHECKPOINT_S": "1"}
     driver = subprocess.Popen([sys.executable, "-m", "reconray.pipelines.cli", *command], env=env, cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
