@@ -34,7 +34,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "cluster" / "local-cluster.sh"
 BUCKET = "bench"
-RLR_OPTIONS = ["--set", "epochs=8", "--set", "d_model=32", "--set", "layers=1", "--set", "heads=4",
+RLR_EPOCHS = 8
+RLR_OPTIONS = ["--set", f"epochs={RLR_EPOCHS}", "--set", "d_model=32", "--set", "layers=1", "--set", "heads=4",
                "--set", "select=last", "--set", "recipe=reference"]
 
 logger = logging.getLogger("reconray.benchmarks.cluster_faults")
@@ -194,7 +195,7 @@ def _rlr_runs(cluster: Cluster, out: Path, data: str, size: int) -> dict[str, An
     if status == "SUCCEEDED":
         config = json.loads(_s3().cat_file(f"{model}/config.json"))
         record["fault"]["epoch"] = config["method_info"].get("epoch")
-        record["fault"]["restored"] = "resum" in (out / "rlr-fault-fit.log").read_text().lower()
+        record["fault"]["restored"] = record["fault"]["checkpoints"] > RLR_EPOCHS  # epochs rerun from a checkpoint
         record["fault"] |= _evaluated(cluster, "rlr-fault", out, data, model)
     return record
 

@@ -28,6 +28,7 @@ import torch
 from reconray.methods.errors import DatasetError, OptionError
 
 METHODS: dict[str, type[AnomalyMethod]] = {}
+_CANONICAL_CHUNK = 65536  # rows cast to float64 at a time by `canonical_order`
 
 
 class MethodOptions(pydantic.BaseModel):
@@ -149,9 +150,11 @@ def _option_problem(method: str, item: Any) -> str:
 class BankMethod(AnomalyMethod):
     """A method whose model is a set of nominal patch vectors (a memory bank or a basis) searched with FAISS.
 
-    Fitting is split so that it distributes: `condense` runs where the features are computed (one Ray Data batch
-    at a time, on any worker) and shrinks a batch's patch vectors to the candidates worth keeping; the driver then
-    gathers only those candidates and calls `fit_bank` once. `fit` chains the two for in-process use.
+    Fitting is split so that it distributes: `condense` runs where the features are computed (on any worker) and
+    shrinks one image's patch vectors to the candidates worth keeping; the driver then gathers only those candidates,
+    in a fixed image order, and calls `fit_bank` once. `fit` chains the two for in-process use. Condensing image by
+    image makes the bank a function of the training images alone, not of how a run batched them: another batch
+    size or worker count, or a Ray Data task retried after a lost node, fits the same model.
     """
 
     def embed(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -161,8 +164,23 @@ class BankMethod(AnomalyMethod):
         return patch_vectors(features)
 
     def condense(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Returns the candidate vectors of one batch worth gathering; by default all of them."""
+        """Returns the candidate vectors of one image worth gathering; by default all of them."""
         return vectors
+
+    def condense_images(self, features: list[torch.Tensor],
+                        patch_masks: torch.Tensor | None = None) -> tuple[list[torch.Tensor], int]:
+        """Embeds one feature batch and condenses each image's patch vectors on its own; `patch_masks` `(B, h, w)`
+        keep each image's own region of a padded canvas (`methods.scoring.content_mask`). Returns the candidates of
+        each image and how many patch vectors they were condensed from."""
+        batch, _, height, width = features[0].shape
+        vectors = self.embed(features)
+        per_image = vectors.reshape(batch, height * width, vectors.shape[-1])
+        if patch_masks is not None:
+            masks = patch_masks.reshape(batch, -1).to(per_image.device)
+            images = [image[mask] for image, mask in zip(per_image, masks, strict=True)]
+        else:
+            images = list(per_image)
+        return [self.condense(image) for image in images], sum(len(image) for image in images)
 
     def score(self, features: list[torch.Tensor]) -> torch.Tensor:
         batch, _, height, width = features[0].shape
@@ -175,7 +193,8 @@ class BankMethod(AnomalyMethod):
 
     @abstractmethod
     def fit_bank(self, vectors: torch.Tensor, total_vectors: int | None = None) -> None:
-        """Builds the bank / basis and its index from the gathered candidate vectors `(N, D)`.
+        """Builds the bank / basis and its index from the gathered candidate vectors `(N, D)`, in any order (put them
+        in `canonical_order` first: the model must not depend on the order workers delivered them in).
 
         `total_vectors` is how many patch vectors there were before `condense` (None: as many as `vectors`), so that
         size ratios refer to the whole training set wherever the candidates were condensed.
@@ -188,11 +207,18 @@ class BankMethod(AnomalyMethod):
         candidates, total_vectors = [], 0
         masks = None if patch_masks is None else iter(patch_masks)
         for features in feature_batches:
-            vectors = self.embed(features)
-            if masks is not None:
-                vectors = vectors[next(masks).reshape(-1).to(vectors.device)]
-            total_vectors += len(vectors)
-            candidates.append(self.condense(vectors))
+            images, count = self.condense_images(features, None if masks is None else next(masks))
+            candidates.extend(images)
+            total_vectors += count
         if not candidates:
             raise DatasetError(f"{self.name}: no training features to fit on (empty training split?)")
         self.fit_bank(torch.cat(candidates), total_vectors=total_vectors)
+
+
+def canonical_order(vectors: torch.Tensor) -> torch.Tensor:
+    """A permutation of `vectors` `(N, D)` that depends on their values only: ascending along a fixed random
+    direction, so a set of candidates gathered in any order is fitted alike (random draws index into it)."""
+    direction = torch.randn(vectors.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    direction = direction.to(vectors.device)
+    keys = torch.cat([chunk.double() @ direction for chunk in vectors.split(_CANONICAL_CHUNK)])
+    return torch.argsort(keys, stable=True)

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 
 from reconray.methods import knn
-from reconray.methods.base import BankMethod, MethodOptions, MethodState, register_method
+from reconray.methods.base import BankMethod, MethodOptions, MethodState, canonical_order, register_method
 from reconray.methods.coreset import greedy_coreset
 from reconray.methods.errors import check_fitted
 
@@ -62,9 +62,9 @@ class PatchCore(BankMethod):
         self._search: dict[str, Any] = {}
 
     def condense(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Greedy coreset of one batch (when `coreset_ratio` < 1), run where the batch's features are computed.
+        """Greedy coreset of one image (when `coreset_ratio` < 1), run where the image's features are computed.
 
-        The bank is the union of the per-batch coresets: a composable coreset for k-center, within a constant factor
+        The bank is the union of the per-image coresets: a composable coreset for k-center, within a constant factor
         of one global greedy pass, but linear in the data instead of quadratic (a global pass over MTD's 680k
         patches would take tens of minutes on CPU), and it distributes over Ray Data workers.
         """
@@ -75,7 +75,7 @@ class PatchCore(BankMethod):
         return vectors[greedy_coreset(vectors, keep, seed=self.options.seed)]
 
     def fit_bank(self, vectors: torch.Tensor, total_vectors: int | None = None) -> None:
-        bank = np.ascontiguousarray(vectors.float().cpu().numpy())
+        bank = np.ascontiguousarray(vectors[canonical_order(vectors)].float().cpu().numpy())
         query_ids = np.random.default_rng(self.options.seed).choice(
             len(bank), min(len(bank), knn.RECALL_QUERIES), replace=False)
         settings = self._search_settings(len(bank))

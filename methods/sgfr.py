@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 
 from reconray.methods import knn
-from reconray.methods.base import BankMethod, MethodOptions, MethodState, register_method
+from reconray.methods.base import BankMethod, MethodOptions, MethodState, canonical_order, register_method
 from reconray.methods.coreset import greedy_coreset
 from reconray.methods.errors import DatasetError, check_fitted
 
@@ -88,8 +88,8 @@ class SGFR(BankMethod):
         basis_ratio: basis size as a fraction of all nominal patch vectors seen in the fit.
         max_basis: upper bound on the basis size (0 = none), for a scoring cost that stops growing with the data.
         sampling: "sparse" (sparse subspace sampling with coverage), "coreset" (greedy k-center) or "random".
-        candidate_factor: each fit batch is condensed to `candidate_factor * basis_ratio` of its vectors before the
-            final selection, so the driver only gathers candidates and the final pass has room to choose.
+        candidate_factor: each training image is condensed to `candidate_factor * basis_ratio` of its vectors before
+            the final selection, so the driver only gathers candidates and the final pass has room to choose.
         k: basis vectors retrieved per patch (and coded over when sampling); solve cost grows as k to k².
         lam: ridge / elastic-net weight relative to the feature scale (see above).
         tau: L1 share of the penalty when scoring; 0 = ridge in closed form, > 0 the elastic net by FISTA.
@@ -140,17 +140,17 @@ class SGFR(BankMethod):
         self._fit_info: dict[str, Any] = {}
 
     def condense(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Keeps `candidate_factor * basis_ratio` of one batch's vectors, chosen by the configured sampling."""
+        """Keeps `candidate_factor * basis_ratio` of one image's vectors, chosen by the configured sampling."""
         ratio = min(1.0, self.options.candidate_factor * self.options.basis_ratio)
         n_keep = max(self.options.k, math.ceil(ratio * len(vectors)))
         if n_keep >= len(vectors):
             return vectors
-        return vectors[self._select(vectors, n_keep, _batch_seed(self.options.seed, vectors))]
+        return vectors[self._select(vectors, n_keep, _content_seed(self.options.seed, vectors))]
 
     def fit_bank(self, vectors: torch.Tensor, total_vectors: int | None = None) -> None:
         """Selects the basis from the gathered candidates and indexes it.
 
-        With sparse sampling the coverage guarantees chain: `condense` keeps every vector of a batch within r₁ of a
+        With sparse sampling the coverage guarantees chain: `condense` keeps every vector of an image within r₁ of a
         candidate, this pass keeps every candidate within r₂ of the basis, so every nominal vector is within
         r₁ + r₂ of the basis (triangle inequality), while the driver only ever holds candidates.
 
@@ -170,6 +170,7 @@ class SGFR(BankMethod):
             target = min(target, self.options.max_basis)
         n_keep = min(len(vectors), max(k, target))
         vectors = vectors.float()
+        vectors = vectors[canonical_order(vectors)]
         selected = self._select(vectors, n_keep, self.options.seed) if n_keep < len(vectors) else None
         basis = vectors if selected is None else vectors[selected]
         queries, query_ids = _recall_queries(vectors, basis, selected, self.options.seed)
@@ -506,8 +507,9 @@ def _recall_queries(
     return basis[torch.from_numpy(ids)].cpu().numpy(), ids
 
 
-def _batch_seed(seed: int, vectors: torch.Tensor) -> int:
-    """A per-batch seed derived from the batch's content, so batches on different workers sample different cells."""
+def _content_seed(seed: int, vectors: torch.Tensor) -> int:
+    """A seed derived from the vectors' content (one image's), so that images sample different cells, and an image
+    the same cells wherever and whenever it is condensed."""
     first = np.ascontiguousarray(vectors[:1].detach().float().cpu().numpy())
     return (seed * 1_000_003 + zlib.crc32(first.tobytes()) + len(vectors)) % (2**31)
 

@@ -1,7 +1,9 @@
 """Distributed fit of bank methods (patchcore, sgfr): condense on the Ray Data workers, build the index on the driver.
 
-Each feature batch is embedded and condensed (`BankMethod.condense`: patchcore's greedy coreset, sgfr's candidate
-sampling) where it was computed, so the driver only ever gathers candidate vectors and calls `fit_bank` once.
+Each image's patch vectors are condensed (`BankMethod.condense`: patchcore's greedy coreset, sgfr's candidate
+sampling) where they were computed, so the driver only ever gathers candidate vectors and calls `fit_bank` once; as
+each image is condensed on its own and `fit_bank` orders its candidates by value, the model does not depend on how
+Ray Data batched the images, nor on a task retried on another node.
 Patches of a padded canvas's padding (`ModelSpec.resize = "keep-aspect"`) are dropped before condensing: they are
 not part of any image. The threshold's calibration images go through the same pass: their patch vectors come back
 whole and are scored once the bank exists (`BankMethod.score_vectors`, then `methods.scoring`'s map and image
@@ -29,7 +31,7 @@ from reconray.pipelines.ingest import as_tensor, level_tensors
 
 @register_distributed_fit(BankMethod)
 def fit_bank(method: BankMethod, context: FitContext) -> BankMethod:
-    """Condenses every feature batch on the workers, then builds the bank or basis from the gathered candidates;
+    """Condenses every image on the workers, then builds the bank or basis from the gathered candidates;
     scores the calibration images' vectors, gathered in the same pass, into `context.calibration_scores`."""
     calibration = {sample.image: number for number, sample in enumerate(context.calibration)}
     everything = dataclasses.replace(context, samples=[*context.samples, *context.calibration])
@@ -97,12 +99,12 @@ def _condense_batch(
     numbers = np.array([calibration.get(str(image), -1) for image in batch["image"]])
     features = level_tensors(batch)
     fit_rows, held_rows = np.flatnonzero(numbers < 0), np.flatnonzero(numbers >= 0)
-    parts, marks = [], []
+    parts, marks, fit_vectors = [], [], 0
     grid = np.asarray(features[0].shape[-2:])
-    vectors = method.embed([level[fit_rows] for level in features]) if len(fit_rows) else None
-    if vectors is not None:
-        vectors = vectors[content_mask(batch["content"][fit_rows], grid, canvas).reshape(-1).to(vectors.device)]
-        parts.append(method.condense(vectors).float().numpy())
+    if len(fit_rows):
+        images, fit_vectors = method.condense_images([level[fit_rows] for level in features],
+                                                     content_mask(batch["content"][fit_rows], grid, canvas))
+        parts.append(torch.cat(images).float().numpy())
         marks.append(np.full(len(parts[-1]), -1))
     per_image = int(grid.prod())
     if len(held_rows):
@@ -110,7 +112,7 @@ def _condense_batch(
         marks.append(np.repeat(numbers[held_rows], per_image))
     marked = np.concatenate(marks)
     patch_count, image_count = np.zeros(len(marked), dtype=np.int64), np.zeros(len(marked), dtype=np.int64)
-    patch_count[0] = 0 if vectors is None else len(vectors)
+    patch_count[0] = fit_vectors
     image_count[0] = len(numbers)
     content = np.zeros((len(marked), 2), dtype=np.int32)
     if len(held_rows):

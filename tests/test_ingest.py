@@ -190,6 +190,21 @@ def test_bank_fits_sharing_a_feature_cache_extract_once_and_build_the_same_bank(
         assert artifact.config.category_thresholds["nut"] == pytest.approx(artifact.threshold, rel=1e-12)
 
 
+def test_a_distributed_bank_fit_does_not_depend_on_how_ray_data_batched_its_images(
+    ray_session, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """A task retried on a surviving node or another batch size regroups the images: the same basis and threshold.
+    Both fits read one feature cache, so only the condense batches differ."""
+    cache = tmp_path / "cache"
+    fitted = [load_artifact(fit_model(synthetic_root, "sgfr", tmp_path / f"batch-{size}", categories=["nut"],
+                                      image_size=64, options={"basis_ratio": 0.2}, feature_cache=cache,
+                                      resources=plan_resources(batch_size=size)).model_dir)
+              for size in (3, 8)]
+    assert fitted[0].method.bank_stats()[0] > 0
+    assert torch.equal(fitted[0].method.basis, fitted[1].method.basis)
+    assert fitted[0].threshold == fitted[1].threshold
+
+
 def test_keep_aspect_fits_scores_and_measures_the_image_region_only(
     ray_session, tall_root: Path, tall_model: Path, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from reconray.methods import create_method, knn
+from reconray.methods.base import canonical_order
 from reconray.methods.coreset import greedy_coreset
 from reconray.methods.errors import NotFittedError, OptionError
 from reconray.methods.patchcore import PatchCore
@@ -75,7 +76,7 @@ def test_large_bank_search_is_the_cheapest_reaching_the_recall_target(monkeypatc
     search = method.state().info["search"]
     assert (search["kind"], search["nlist"], search["k"]) == ("ivf", 64, 1) and search["recall"] >= 0.9
     assert (method.options.index, method.options.nprobe) == ("ivf", search["nprobe"])
-    vectors = bank.numpy()
+    vectors = bank[canonical_order(bank)].numpy()  # the order the fit stores its bank in
     ids = np.random.default_rng(0).choice(len(vectors), knn.RECALL_QUERIES, replace=False)
     exact = knn.exact_neighbours(vectors, vectors[ids], 1, ids)
     index = knn.to_cpu(method.index)
@@ -132,8 +133,8 @@ def test_coreset_ratio_keeps_a_subset_of_the_training_patches() -> None:
     train = _clusters(640, 12)
     method = _fitted(train, coreset_ratio="0.1")
     assert method.options.coreset_ratio == 0.1
-    assert method.bank_stats()[0] == 64
-    bank = torch.from_numpy(knn.to_cpu(method.index).reconstruct_n(0, 64))
+    assert method.bank_stats()[0] == 40 * 2  # each of the 40 images keeps round(0.1 * 16) of its patches
+    bank = torch.from_numpy(knn.to_cpu(method.index).reconstruct_n(0, 80))
     assert torch.cdist(bank, train, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.max() < 1e-5
     full = _fitted(train)
     queries = _as_features(_clusters(160, 12, seed=9), 10, 4, 4)

@@ -164,6 +164,24 @@ def test_basis_size_follows_the_ratio_of_all_vectors_seen(sampling: str) -> None
     assert create_method("sgfr").options.max_basis == 0
 
 
+@pytest.mark.parametrize(("name", "options"), [("sgfr", {"sampling": "sparse"}), ("sgfr", {"sampling": "coreset"}),
+                                               ("patchcore", {"coreset_ratio": 0.25})])
+def test_a_bank_fit_depends_on_its_images_not_on_their_batching_or_order(name: str, options: dict) -> None:
+    """Ray Data batches a fit's images as they come (another batch size, a task retried on a surviving node): each
+    image is condensed on its own and the candidates put in a value order, so any batching fits the same model."""
+    points, _ = _subspaces(12 * 64, seed=3)
+    images = points.reshape(12, 64, -1)
+    shuffled = images[torch.randperm(12, generator=torch.Generator().manual_seed(1))]
+    fitted = []
+    for layout, sizes in ((images, (4, 4, 4)), (shuffled, (5, 7))):
+        method = create_method(name, **options)
+        method.fit([_as_features(batch.reshape(-1, batch.shape[-1]), len(batch)) for batch in layout.split(sizes)])
+        fitted.append(method)
+    assert fitted[0].bank_stats()[0] < len(points)
+    queries = _subspaces(200, seed=4)[0]
+    assert torch.equal(fitted[0].score_vectors(queries), fitted[1].score_vectors(queries))
+
+
 def test_neighbours_an_ivf_search_could_not_find_are_left_out_of_the_reconstruction() -> None:
     points, _ = _subspaces(4 * 64, seed=11)
     method = create_method("sgfr", basis_ratio=1.0, k=16, index="ivf", nlist=64, nprobe=1)
