@@ -59,7 +59,7 @@ def extract(extractor: FeatureExtractor, spec: ModelSpec, samples: list, masks: 
         if masks:
             image_batches.append(images)
             mask_batches.append(np.stack([
-                preprocess_mask(load_mask(s.mask), spec.image_size) if s.mask else
+                preprocess_mask(load_mask(s.mask), spec) if s.mask else
                 np.zeros((spec.image_size, spec.image_size), np.uint8) for s in chunk]))
     return batches, mask_batches, seconds, image_batches
 
