@@ -1,22 +1,27 @@
-"""Fit memory: workers hold one batch of images at a time, so their peak memory does not grow with the data set.
+"""Fit scale: fit time grows linearly with the training images, and no process's memory grows with them but the
+driver's candidates.
 
 Usage:
-    python benchmarks/fit_memory.py --out runs/bench-fit-memory [--method sgfr] [--images 64 256]
+    python benchmarks/fit_memory.py --out runs/bench-fit-memory [--methods sgfr patchcore] [--images 64 256]
+    python benchmarks/fit_memory.py --out runs/bench-fit-scale --methods sgfr patchcore --images 320 1280 5120
 
-For each training-set size, a fresh local Ray (2 CPUs) runs the real `reconray.pipelines.fit.fit_model` on one synthetic
-category (256 px) while a sampler thread reads, every 0.2 s, the private memory (`RssAnon` of /proc/<pid>/status:
-the heap, Python objects and tensors, Linux only) of the driver and of every Ray worker process. Object-store pages
-are shared memory (`RssShmem`) and left out: they are Ray Data's bounded, backpressured queue between operators, not
-what a worker holds (a unique-set-size reading counts the plasma pages a task wrote its output block into, which
-made decode tasks look as if they grew with the data set). If a worker kept the images it had decoded, or the driver
-collected them, their peaks would grow by the raw set's size between the two runs (the second is 4x larger); the
-table shows how far they move instead, next to the size of one raw batch (16 float32 images of 3 x 256 x 256 =
-12.6 million bytes, printed as 12.0 MB: the table's MB are MiB) and of the raw set.
+For each training-set size (one synthetic category at 256 px, generated once and shared by the methods) and method,
+a fresh local Ray (2 CPUs) runs the real `reconray.pipelines.fit.fit_model` while a sampler thread reads, every
+0.2 s, the private memory (`RssAnon` of /proc/<pid>/status: the heap, Python objects and tensors, Linux only) of the
+driver and of every Ray worker process. Object-store pages are shared memory (`RssShmem`) and left out: they are Ray
+Data's bounded, backpressured queue between operators, not what a worker holds (a unique-set-size reading counts
+the plasma pages a task wrote its output block into, which made decode tasks look as if they grew with the data
+set). If a worker kept the images it had decoded, or the driver collected them, their peaks would grow by the raw
+set's size between the runs; the table shows how far they move instead, next to the size of one raw batch (16
+float32 images of 3 x 256 x 256 = 12.6 million bytes, printed as 12.0 MB: the table's MB are MiB) and of the raw
+set. The fit's own stage times (the artifact's `fit.stages`) and its seconds per million patch vectors show whether
+the cost is linear: the per-million figure stays flat if it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import threading
@@ -32,6 +37,7 @@ from reconray.pipelines.synthetic import SyntheticConfig, make_synthetic_dataset
 
 IMAGE_SIZE = 256
 RAW_IMAGE_BYTES = 3 * IMAGE_SIZE * IMAGE_SIZE * 4  # one decoded, normalized float32 image
+PATCHES_PER_IMAGE = (IMAGE_SIZE // 8) ** 2  # the default levels' finest grid (stride 8), square images: no padding
 
 # Under "reconray", so that `console_session` shows these lines next to the library's own.
 logger = logging.getLogger("reconray.benchmarks.fit_memory")
@@ -93,7 +99,7 @@ def _role(name: str, cmdline: list[str]) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--method", default="sgfr")
+    parser.add_argument("--methods", nargs="+", default=["sgfr"])
     parser.add_argument("--images", type=int, nargs="+", default=[64, 256], help="training images per run")
     args = parser.parse_args()
     with console_session(None):
@@ -103,28 +109,43 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     rows = []
     for count in args.images:
-        data = make_synthetic_dataset(
-            args.out / f"data-{count}",
-            SyntheticConfig(image_size=IMAGE_SIZE, n_train=count, n_test_good=1, n_test_defect=1, categories=("wood",)),
-        )
-        ray.init(num_cpus=2, include_dashboard=False)
-        try:
-            with PeakMemory() as memory:
-                began = time.perf_counter()
-                result = fit_model(data, args.method, args.out / f"model-{count}")
-                seconds = time.perf_counter() - began
-        finally:
-            ray.shutdown()
-        rows.append((count, result.n_fit, seconds, memory.peaks))
-        logger.info("%d images: peak private bytes %s", count, memory.peaks)
+        data = args.out / f"data-{count}"
+        if not (data / "wood").is_dir():
+            make_synthetic_dataset(data, SyntheticConfig(image_size=IMAGE_SIZE, n_train=count, n_test_good=1,
+                                                         n_test_defect=1, categories=("wood",)))
+        for method in args.methods:
+            ray.init(num_cpus=2, include_dashboard=False)
+            try:
+                with PeakMemory() as memory:
+                    began = time.perf_counter()
+                    result = fit_model(data, method, args.out / f"{method}-{count}")
+                    seconds = time.perf_counter() - began
+            finally:
+                ray.shutdown()
+            config = json.loads((Path(result.model_dir) / "config.json").read_text())
+            vectors = result.n_fit * PATCHES_PER_IMAGE
+            rows.append({"method": method, "images": count, "fit_images": result.n_fit, "vectors": vectors,
+                         "fit_s": seconds, "stages": config["fit"]["stages"], "peaks": memory.peaks,
+                         "bank": config["method_info"]})
+            logger.info("%s, %d images: %.1f s, peak private bytes %s", method, count, seconds, memory.peaks)
+            (args.out / "summary.json").write_text(json.dumps(rows, indent=1, default=str))
+    print(table(rows))
 
-    roles = sorted({role for *_, peaks in rows for role in peaks})
-    print(f"\n| training images (fit) | raw set MB | fit s | {' | '.join(f'peak private MB: {r}' for r in roles)} |")
-    print("|---|---|---|" + "---|" * len(roles))
-    for count, n_fit, seconds, peaks in rows:
-        cells = " | ".join(f"{peaks.get(role, 0) / 2**20:.0f}" for role in roles)
-        print(f"| {count} ({n_fit}) | {n_fit * RAW_IMAGE_BYTES / 2**20:.0f} | {seconds:.1f} | {cells} |")
-    print(f"\none raw batch (16 images): {16 * RAW_IMAGE_BYTES / 2**20:.1f} MB")
+
+def table(rows: list[dict]) -> str:
+    roles = sorted({role for row in rows for role in row["peaks"]})
+    stages = ("features_condense", "bank")
+    lines = [f"| method | training images (fit) | patch vectors | raw set MB | fit s | s per M vectors | "
+             f"{' | '.join(f'{stage} s' for stage in stages)} | {' | '.join(f'peak MB: {r}' for r in roles)} |",
+             "|---|---|---|---|---|---|" + "---|" * (len(stages) + len(roles))]
+    for row in rows:
+        timed = " | ".join(f"{row['stages'].get(stage, 0.0):.1f}" for stage in stages)
+        cells = " | ".join(f"{row['peaks'].get(role, 0) / 2**20:.0f}" for role in roles)
+        lines.append(f"| {row['method']} | {row['images']} ({row['fit_images']}) | {row['vectors']:,} | "
+                     f"{row['fit_images'] * RAW_IMAGE_BYTES / 2**20:.0f} | {row['fit_s']:.1f} | "
+                     f"{row['fit_s'] / row['vectors'] * 1e6:.1f} | {timed} | {cells} |")
+    lines.append(f"\none raw batch (16 images): {16 * RAW_IMAGE_BYTES / 2**20:.1f} MB")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

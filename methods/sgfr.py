@@ -115,7 +115,7 @@ class SGFR(BankMethod):
         basis_ratio: float = Field(0.2, gt=0.0, le=1.0)
         max_basis: int = Field(0, ge=0)
         sampling: Literal["sparse", "coreset", "random"] = "sparse"
-        candidate_factor: float = Field(2.0, ge=1.0)
+        candidate_factor: float = Field(3.0, ge=1.0)
         k: int = Field(8, ge=1)
         lam: float = Field(0.01, gt=0.0)
         tau: float = Field(0.0, ge=0.0, le=1.0)

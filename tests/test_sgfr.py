@@ -151,11 +151,11 @@ def test_basis_size_follows_the_ratio_of_all_vectors_seen(sampling: str) -> None
     # Distributed path: condense runs on workers (other instances), the driver passes the original count.
     workers = [create_method("sgfr", sampling=sampling, basis_ratio=0.1, k=4) for _ in range(2)]
     candidates = torch.cat([worker.condense(chunk) for worker, chunk in zip(workers, points.split(256), strict=True)])
-    assert len(candidates) == 2 * math.ceil(0.2 * 256)
+    assert len(candidates) == 2 * math.ceil(0.1 * workers[0].options.candidate_factor * 256)
     driver = create_method("sgfr", sampling=sampling, basis_ratio=0.1, k=4)
     driver.fit_bank(candidates, total_vectors=512)
     assert driver.bank_stats()[0] == 52
-    with pytest.raises(ValueError, match="total_vectors=50 is smaller than the 104 candidates"):
+    with pytest.raises(ValueError, match=f"total_vectors=50 is smaller than the {len(candidates)} candidates"):
         driver.fit_bank(candidates, total_vectors=50)
 
     capped = create_method("sgfr", sampling=sampling, basis_ratio=0.1, k=4, max_basis=40)
