@@ -3,7 +3,8 @@ driver's candidates.
 
 Usage:
     python benchmarks/fit_memory.py --out runs/bench-fit-memory [--methods sgfr patchcore] [--images 64 256]
-    python benchmarks/fit_memory.py --out runs/bench-fit-scale --methods sgfr patchcore --images 320 1280 5120
+    for n in 352 1408 5632; do for m in patchcore sgfr; do  # 16x: over 5 million patch vectors
+        python benchmarks/fit_memory.py --out runs/bench-fit-scale --methods $m --images $n; done; done
 
 For each training-set size (one synthetic category at 256 px, generated once and shared by the methods) and method,
 a fresh local Ray (2 CPUs) runs the real `reconray.pipelines.fit.fit_model` while a sampler thread reads, every
@@ -107,7 +108,10 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    rows = []
+    """Fits every (size, method); rows of earlier invocations with the same --out are kept (one process per fit
+    keeps the driver's peak its own), and the table shows them all."""
+    summary = args.out / "summary.json"
+    rows = json.loads(summary.read_text()) if summary.exists() else []
     for count in args.images:
         data = args.out / f"data-{count}"
         if not (data / "wood").is_dir():
@@ -124,12 +128,13 @@ def run(args: argparse.Namespace) -> None:
                 ray.shutdown()
             config = json.loads((Path(result.model_dir) / "config.json").read_text())
             vectors = result.n_fit * PATCHES_PER_IMAGE
+            rows = [row for row in rows if (row["method"], row["images"]) != (method, count)]
             rows.append({"method": method, "images": count, "fit_images": result.n_fit, "vectors": vectors,
                          "fit_s": seconds, "stages": config["fit"]["stages"], "peaks": memory.peaks,
                          "bank": config["method_info"]})
             logger.info("%s, %d images: %.1f s, peak private bytes %s", method, count, seconds, memory.peaks)
-            (args.out / "summary.json").write_text(json.dumps(rows, indent=1, default=str))
-    print(table(rows))
+            summary.write_text(json.dumps(rows, indent=1, default=str))
+    print(table(sorted(rows, key=lambda row: (row["method"], row["images"]))))
 
 
 def table(rows: list[dict]) -> str:
