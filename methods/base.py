@@ -151,10 +151,11 @@ class BankMethod(AnomalyMethod):
     """A method whose model is a set of nominal patch vectors (a memory bank or a basis) searched with FAISS.
 
     Fitting is split so that it distributes: `condense` runs where the features are computed (on any worker) and
-    shrinks one image's patch vectors to the candidates worth keeping; the driver then gathers only those candidates,
-    in a fixed image order, and calls `fit_bank` once. `fit` chains the two for in-process use. Condensing image by
-    image makes the bank a function of the training images alone, not of how a run batched them: another batch
-    size or worker count, or a Ray Data task retried after a lost node, fits the same model.
+    shrinks one image's patch vectors to the candidates worth keeping; the driver then gathers only those candidates
+    and calls `fit_bank` once, which orders them by value (`canonical_order`). `fit` chains the two for in-process
+    use. Condensing image by image makes the bank a function of the training images alone, not of how a run batched
+    them or in which order they arrived: another batch size or worker count, or a Ray Data task retried after a
+    lost node, fits the same model.
     """
 
     def embed(self, features: list[torch.Tensor]) -> torch.Tensor:
