@@ -25,6 +25,10 @@ Weights are resolved in this order, so the default backbone works with no intern
    (lukemelas-style keys, mapped onto timm's state dict by order; inputs normalized with mean = std = 0.5);
 3. timm's own pretrained weights from the hub.
 
+timm is imported where a model is built, not with this module: it pulls torchvision and torch._dynamo (about as long
+to import as torch), which processes that never build a backbone should not pay: the CLI's argument checks, Ray Data's
+decode workers, tune trials on cached features.
+
 Example:
     >>> extractor = FeatureExtractor().to(device)
     >>> features = extractor((images - mean) / std)  # [(B, 40, 32, 32), (B, 112, 16, 16)] at 256x256
@@ -38,7 +42,6 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -255,6 +258,8 @@ def _check_levels(backbone: str, levels: Sequence[int]) -> list[int]:
 
 def _create_model(backbone: str, weights: str | Path | None, pretrained: bool, **kwargs: object) -> nn.Module:
     """Creates a timm model (classifier or `features_only`) with weights resolved as the module docstring says."""
+    import timm  # lazily, see the module docstring
+
     if not pretrained:
         if weights is not None:
             raise OptionError(f"weights={weights} was given with pretrained=False; drop one of them")
@@ -270,6 +275,8 @@ def _create_model(backbone: str, weights: str | Path | None, pretrained: bool, *
 
 def _create_with_state_dict(backbone: str, state_dict: dict[str, Tensor], **kwargs: object) -> nn.Module:
     """Loads a checked classifier state dict into the classifier or into any kind of timm features_only model."""
+    import timm  # lazily, see the module docstring
+
     with torch.device("meta"):
         names = timm.create_model(backbone, pretrained=False, **kwargs).state_dict().keys()
     if names <= state_dict.keys():
@@ -288,6 +295,8 @@ def _create_with_state_dict(backbone: str, state_dict: dict[str, Tensor], **kwar
 
 def _create_from_hub(backbone: str, **kwargs: object) -> nn.Module:
     """Downloads timm's pretrained weights, or says how to run without the hub when it cannot be reached."""
+    import timm  # lazily, see the module docstring
+
     try:
         return timm.create_model(backbone, pretrained=True, **kwargs)
     except OSError as error:
@@ -302,6 +311,8 @@ def _create_from_hub(backbone: str, **kwargs: object) -> nn.Module:
 
 def _read_weights_file(backbone: str, path: Path) -> dict[str, Tensor]:
     """Loads a local state dict without unpickling arbitrary objects and checks it fits the backbone exactly."""
+    import timm  # lazily, see the module docstring
+
     if not path.is_file():
         raise OptionError(f"weights file {path} does not exist (expected a .pth/.pt/.safetensors state dict)")
     state_dict = timm.models.load_state_dict(str(path), weights_only=True)
@@ -345,5 +356,7 @@ def _offline_lite0_state_dict() -> dict[str, Tensor]:
 @functools.cache
 def _meta_classifier(backbone: str) -> nn.Module:
     """The classifier built on the meta device: its keys, shapes, feature count and config, with no memory or time."""
+    import timm  # lazily, see the module docstring
+
     with torch.device("meta"):
         return timm.create_model(backbone, pretrained=False)

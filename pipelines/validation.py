@@ -60,6 +60,11 @@ logger = logging.getLogger(__name__)
 
 CALIBRATION_RATIO = 0.1
 """Share of each category's normal training images held out of the fit to calibrate the threshold."""
+MAX_CALIBRATION_IMAGES = 250
+"""Most images a category holds out for its threshold. A 0.99 quantile of n normal scores leaves a false-alarm rate
+of 1% give or take sqrt(0.01 * 0.99 / n): 0.6 points at 250, 0.3 only at 1,000. More images than this buy little
+certainty while each one is scored against the whole bank, whose search grows with the data, so without a cap
+calibration grows faster than the fit (N^1.5); the images beyond it are fitted instead."""
 VALIDATION_RATIO = 0.2
 """Share of each category's normal training images held out for validation: with calibration's 10%, 70% is fitted."""
 DEFECT_SHARES: dict[str, float] = {
@@ -99,7 +104,8 @@ Target = Callable[[np.random.Generator, np.ndarray, np.ndarray | None], np.ndarr
 
 
 def calibration_split(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sample]]:
-    """Holds out `CALIBRATION_RATIO` of each category's images (at least one when it has two or more).
+    """Holds out `CALIBRATION_RATIO` of each category's images (at least one when it has two or more, at most
+    `MAX_CALIBRATION_IMAGES`).
 
     The choice is by a hash of the file name, not by order, so it is stable across runs and machines and not
     biased by how files were numbered.
@@ -110,7 +116,7 @@ def calibration_split(samples: Sequence[Sample]) -> tuple[list[Sample], list[Sam
             (sample for sample in samples if sample.category == category),
             key=lambda sample: hashlib.sha1(Path(sample.image).name.encode()).hexdigest(),
         )
-        count = max(1, round(len(members) * CALIBRATION_RATIO)) if len(members) >= 2 else 0
+        count = min(MAX_CALIBRATION_IMAGES, max(1, round(len(members) * CALIBRATION_RATIO))) if len(members) >= 2 else 0
         held_out += members[:count]
         fit += members[count:]
     return fit, held_out

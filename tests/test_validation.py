@@ -21,6 +21,7 @@ from reconray.pipelines.validation import (
     CHANGE_TOLERANCE,
     DEFECT_SHARES,
     MANIFEST,
+    MAX_CALIBRATION_IMAGES,
     calibration_split,
     carve,
     paint_validation_set,
@@ -81,6 +82,15 @@ def test_carve_is_disjoint_complete_and_independent_of_input_order(two_categorie
 
 def test_calibration_is_what_fit_holds_out_for_the_threshold(two_categories: list[Sample]) -> None:
     assert set(carve(two_categories).calibration) == set(calibration_split(two_categories)[1])
+
+
+def test_calibration_holds_out_a_tenth_up_to_a_cap_and_fits_the_rest() -> None:
+    """A large category's threshold needs no more held-out images than a 0.99 quantile can use; the rest are fitted."""
+    samples = [Sample(f"/parts/{category}/{index:05d}.png", category, "train", 0)
+               for category, count in (("large", 4000), ("small", 30)) for index in range(count)]
+    fit, held_out = calibration_split(samples)
+    assert Counter(sample.category for sample in held_out) == {"large": MAX_CALIBRATION_IMAGES, "small": 3}
+    assert len(fit) + len(held_out) == len(samples) and not set(fit) & set(held_out)
 
 
 @pytest.mark.parametrize(("ratio", "expected"), [(0.2, {"grid": 10, "tile": 2}), (0.3, {"grid": 15, "tile": 4})])
