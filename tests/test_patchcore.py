@@ -9,7 +9,7 @@ import torch
 
 from reconray.methods import create_method, knn
 from reconray.methods.base import canonical_order
-from reconray.methods.coreset import _PRUNE_FROM, greedy_coreset
+from reconray.methods.coreset import greedy_coreset
 from reconray.methods.errors import NotFittedError, OptionError
 from reconray.methods.patchcore import PatchCore
 
@@ -117,38 +117,6 @@ def test_greedy_coreset_is_k_center_selection() -> None:
     # Every pick was the farthest point when chosen, so picks are at least the final covering radius apart:
     # the property that makes greedy k-center a 2-approximation of the optimal covering radius.
     assert chosen.min() >= radius
-
-
-def _assert_farthest_first(points: torch.Tensor, selected: torch.Tensor) -> None:
-    """Each pick is a point farthest from the earlier ones, in exact (float64) squared distances, up to the rounding
-    of the float32 ||x||^2 - 2 x.c + ||c||^2 the selection computes (a few 1e-7 of the squared norms)."""
-    exact = points.double()
-    tolerance = 1e-5 * float(exact.pow(2).sum(dim=1).max())
-    to_chosen = torch.full((len(points),), float("inf"), dtype=torch.float64)
-    for position, pick in enumerate(selected.tolist()):
-        if position:
-            assert to_chosen[pick] >= to_chosen.max() - tolerance, f"pick {position} is not the farthest"
-        to_chosen = torch.minimum(to_chosen, (exact - exact[pick]).pow(2).sum(dim=1))
-
-
-@pytest.mark.parametrize("spread", ["clustered", "uniform"])
-def test_pruned_coreset_is_farthest_point_selection_too(spread: str) -> None:
-    """Ruling points out by the triangle inequality drops no farthest point, on clustered data (where it rules out
-    most points) and on uniform data (where it rules out few), with a coordinate offset that makes rounding matter;
-    the public function takes the pruned pass from `_PRUNE_FROM` vectors on."""
-    rng = np.random.default_rng(11)
-    if spread == "clustered":
-        points = rng.normal(0, 4, (40, 24))[rng.integers(0, 40, 3000)] + rng.normal(0, 0.5, (3000, 24))
-    else:
-        points = rng.random((3000, 24))
-    points = torch.from_numpy((points + 5.0).astype(np.float32))
-    pruned = greedy_coreset(points, 600, seed=17, pruned=True)
-    _assert_farthest_first(points, pruned)
-    # Both passes pick alike but for ties that their rounding breaks differently.
-    assert len(set(pruned.tolist()) & set(greedy_coreset(points, 600, seed=17, pruned=False).tolist())) > 0.9 * 600
-    large = torch.cat([points] * (_PRUNE_FROM // len(points) + 1))
-    large = large + torch.from_numpy(rng.normal(0, 0.01, large.shape).astype(np.float32))
-    _assert_farthest_first(large, greedy_coreset(large, 80, seed=3))
 
 
 @pytest.mark.parametrize("dim", [3, 300], ids=["exact", "projected"])
