@@ -21,7 +21,14 @@ from ray import tune
 from reconray.methods.errors import OptionError
 from reconray.pipelines.cli import _fit_setting, _parser, main
 from reconray.pipelines.evaluate import evaluate_model
-from reconray.pipelines.tune import PRESETS, check_space, load_space, parameter_influence, tune_method
+from reconray.pipelines.tune import (
+    PRESETS,
+    check_space,
+    distinct_settings,
+    load_space,
+    parameter_influence,
+    tune_method,
+)
 
 
 @pytest.fixture
@@ -102,6 +109,22 @@ def test_bad_search_spaces_are_refused_naming_the_key(tmp_path: Path) -> None:
         load_space(tmp_path / "empty.yaml")
     for method, preset in PRESETS.items():
         check_space(method, preset)  # the documented presets are valid spaces
+
+
+def test_a_space_of_choices_is_drawn_without_repeats_and_reproducibly() -> None:
+    """patchcore's preset holds 20 settings: 16 trials try 16 different ones, 30 trials each of the 20 once, the same
+    ones for the same seed. A continuous range or a grid keeps Tune's own sampling (None)."""
+    preset = PRESETS["patchcore"]
+    drawn = distinct_settings(preset, 16, seed=0)
+    keys = [tuple(sorted(setting.items())) for setting in drawn]
+    assert len(keys) == len(set(keys)) == 16
+    assert all(setting["coreset_ratio"] in preset["coreset_ratio"]["choice"] and setting["nprobe"] in
+               preset["nprobe"]["choice"] for setting in drawn)
+    assert distinct_settings(preset, 16, seed=0) == drawn != distinct_settings(preset, 16, seed=1)
+    everything = distinct_settings(preset | {"recall_target": 0.95}, 30, seed=0)
+    assert len({tuple(sorted(setting.items())) for setting in everything}) == len(everything) == 20
+    assert distinct_settings(PRESETS["sgfr"], 16, seed=0) is None  # lam is loguniform
+    assert distinct_settings({"k": {"grid": [4, 8]}, "tau": {"choice": [0.0, 0.5]}}, 4, seed=0) is None
 
 
 def test_the_cli_refuses_a_bad_space_before_any_trial(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
