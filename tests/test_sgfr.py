@@ -15,6 +15,7 @@ from sklearn.neighbors import NearestNeighbors
 from reconray.methods import create_method, knn, sgfr
 from reconray.methods import sgfr as sgfr_module
 from reconray.methods.artifact import ModelSpec, load_artifact, save_artifact
+from reconray.methods.coreset import greedy_coreset
 from reconray.methods.errors import NotFittedError, OptionError
 from reconray.methods.sgfr import SGFR, elastic_net_codes, ridge_codes, self_expressive_codes, sparse_sample
 
@@ -145,13 +146,16 @@ def test_basis_size_follows_the_ratio_of_all_vectors_seen(sampling: str) -> None
     points, _ = _subspaces(8 * 64, seed=2)
     method = create_method("sgfr", sampling=sampling, basis_ratio=0.1, k=4, candidate_factor=2.0)
     method.fit([_as_features(points[:256], 4), _as_features(points[256:], 4)])
-    assert method.bank_stats()[0] == math.ceil(0.1 * 512)
-    assert method.basis.shape == (52, 32)
+    # Coreset sampling: the union of the 8 images' own coresets, each rounded up (at most one vector an image over).
+    expected = 8 * math.ceil(0.1 * 64) if sampling == "coreset" else math.ceil(0.1 * 512)
+    assert method.bank_stats()[0] == expected
+    assert method.basis.shape == (expected, 32)
 
     # Distributed path: condense runs on workers (other instances), the driver passes the original count.
     workers = [create_method("sgfr", sampling=sampling, basis_ratio=0.1, k=4) for _ in range(2)]
     candidates = torch.cat([worker.condense(chunk) for worker, chunk in zip(workers, points.split(256), strict=True)])
-    assert len(candidates) == 2 * math.ceil(0.1 * workers[0].options.candidate_factor * 256)
+    factor = 1.0 if sampling == "coreset" else workers[0].options.candidate_factor  # coreset: the union is the basis
+    assert len(candidates) == 2 * math.ceil(0.1 * factor * 256)
     driver = create_method("sgfr", sampling=sampling, basis_ratio=0.1, k=4)
     driver.fit_bank(candidates, total_vectors=512)
     assert driver.bank_stats()[0] == 52
@@ -162,6 +166,17 @@ def test_basis_size_follows_the_ratio_of_all_vectors_seen(sampling: str) -> None
     capped.fit_bank(candidates, total_vectors=512)
     assert capped.bank_stats()[0] == 40 and capped.options.max_basis == 40
     assert create_method("sgfr").options.max_basis == 0
+
+
+def test_coreset_sampling_keeps_the_union_of_each_images_own_k_center_coreset() -> None:
+    """A composable coreset, like patchcore's: linear in the images, where one global greedy pass is quadratic."""
+    points, _ = _subspaces(4 * 64, seed=4)
+    method = create_method("sgfr", sampling="coreset", basis_ratio=0.25, k=4)
+    method.fit([_as_features(points, 4)])
+    union = torch.cat([image[greedy_coreset(image, 16, seed=sgfr._content_seed(0, image))]
+                       for image in points.reshape(4, 64, -1)])
+    assert method.bank_stats()[0] == 64
+    assert torch.equal(method.basis[sgfr.canonical_order(method.basis)], union[sgfr.canonical_order(union)])
 
 
 @pytest.mark.parametrize(("name", "options"), [("sgfr", {"sampling": "sparse"}), ("sgfr", {"sampling": "coreset"}),
