@@ -144,9 +144,10 @@ class SGFR(BankMethod):
     def condense(self, vectors: torch.Tensor) -> torch.Tensor:
         """Keeps `candidate_factor * basis_ratio` of one image's vectors, chosen by the configured sampling.
 
-        Coreset sampling keeps `basis_ratio` of them, and the union of the images' k-center coresets is the basis
-        (composable, like patchcore's): a global greedy pass over all candidates is quadratic in the data, about 50
-        minutes per fit on MTD's 515 images on 2 CPU cores.
+        Coreset sampling keeps `basis_ratio` of them (rounded up, and at least k, like every sampling here), and
+        the union of the images' k-center coresets is the basis (composable, like patchcore's): a global greedy
+        pass over all candidates is quadratic in the data, about 50 minutes per fit on MTD's 515 images on 2 CPU
+        cores.
         """
         factor = 1.0 if self.options.sampling == "coreset" else self.options.candidate_factor
         ratio = min(1.0, factor * self.options.basis_ratio)
