@@ -1,12 +1,12 @@
 """Image geometry (issue 14): squashed square vs keep-aspect vs tiled canvases, for patchcore and sgfr, chosen on
 validation splits; then the chosen geometry next to `square` on the test split, in the same run.
 
-Per dataset (KSDD's 250 x ~630 px commutators, MTD's tiles of aspect 1 to 2.5), the normal training images are carved
-by `reconray.pipelines.validation` (the fit / calibration / validation split `reconray tune` uses) and half of the
-validation images get painted defects with exact masks. Every geometry is fitted with `fit_model` on the fit images
-(the validation images excluded) and scored with `evaluate_model` on the painted split: the product's own path, so
-the scores, maps and metrics are what `reconray fit` + `reconray evaluate` give. The validation table decides; the
-test split is only opened for `--final`, the side-by-side of the geometry chosen on validation against `square 256`.
+Per dataset (KSDD's 250 x ~630 px commutators, MTD's tiles of aspect 1 to 2.5), the normal training images are carved by
+`reconray.pipelines.validation` (the fit / calibration / validation split `reconray tune` uses) and every validation
+image is scored as is and with a painted defect (exact mask) on a copy. Every geometry is fitted with `fit_model` on the
+fit images (the validation images excluded) and scored with `evaluate_model` on the painted split: the product's own
+path, so the scores, maps and metrics are what `reconray fit` + `reconray evaluate` give. The validation table decides;
+the test split is only opened for `--final`, the side-by-side of the geometry chosen on validation against `square 256`.
 
 Usage:
     python benchmarks/geometry.py --out runs/bench-geometry [--datasets ksdd mtd] [--final "keep-aspect 512"]

@@ -2,7 +2,7 @@
 on the painted validation split after every epoch.
 
 The data is the synthetic set generated with another seed than `reconray run`'s (or any dataset given with `--data`);
-only training images are opened: the fit images train, the carved validation split (half painted) scores
+only training images are opened: the fit images train, the carved validation split (each image as is and painted) scores
 (`pipelines.validation`, the split checkpoint selection and `tune` use). Features are extracted once per dataset and
 kept in `<out>/features.npz`, so variants and reruns share them. Every variant starts from the CPU recipe
 (`methods.rlr.RECIPES["cpu"]`) and changes what its name says; training runs in this process with every CPU

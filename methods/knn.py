@@ -112,8 +112,17 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 
 
 def index_bytes(index: faiss.Index) -> int:
-    """Serialized size of `index` in bytes: what the bank costs on disk and, roughly, in memory."""
-    return int(faiss.serialize_index(to_cpu(index)).nbytes)
+    """Serialized size of `index` in bytes: what the bank costs on disk and, roughly, in memory. Counted as FAISS
+    writes it, without holding the serialized copy (as large as the bank)."""
+    written = 0
+
+    def count(chunk: bytes) -> int:
+        nonlocal written
+        written += len(chunk)
+        return len(chunk)
+
+    faiss.write_index(to_cpu(index), faiss.PyCallbackIOWriter(count))
+    return written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,9 +175,11 @@ def exact_neighbours(
 ) -> np.ndarray:
     """Ids `(Q, k)` of each query's k nearest vectors by exact full-width search; with `query_ids` (the queries' own
     rows of `vectors`), each query's own row is left out, so the queries count as held out."""
-    index = faiss.IndexFlatL2(vectors.shape[1])
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return _found(index, queries, k, query_ids)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # no copy of a float32 bank: it may be gigabytes
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if query_ids is None:
+        return faiss.knn(queries, vectors, k)[1]
+    return drop_self(*faiss.knn(queries, vectors, k + 1), query_ids)[1]
 
 
 def recall_at_k(index: faiss.Index, queries: np.ndarray, exact_ids: np.ndarray,

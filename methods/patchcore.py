@@ -76,6 +76,7 @@ class PatchCore(BankMethod):
 
     def fit_bank(self, vectors: torch.Tensor, total_vectors: int | None = None) -> None:
         bank = np.ascontiguousarray(vectors[canonical_order(vectors)].float().cpu().numpy())
+        del vectors  # the gathered candidates, when the caller passed them on: from here only the ordered copy counts
         query_ids = np.random.default_rng(self.options.seed).choice(
             len(bank), min(len(bank), knn.RECALL_QUERIES), replace=False)
         settings = self._search_settings(len(bank))

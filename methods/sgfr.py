@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import math
 import zlib
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -68,6 +69,12 @@ IVF_CELLS_PER_SQRT = 4
 SEARCH_DIMS_LADDER = (16, 32, 64, 0)
 """PCA widths `recall_target` chooses among (0 = the full features); lite0's default levels are 152 wide."""
 
+SELECTION_CHUNK = 262_144
+"""Default `selection_chunk`. One selection pass over N candidates costs N^1.5 (the coverage search probes IVF cells
+of sqrt(N) vectors for every candidate): 30 s at 195k candidates, 238 s at 779k (benchmarks/RESULTS.md, "Fit
+scale"). Chunks of at most this size keep every shared dataset's validated fits in one pass up to MTD's 316k
+candidates, whose two-chunk fit was validated against the one-pass fit (RESULTS, "Fit scale")."""
+
 _SCORE_CHUNK = 1024
 """Patches solved at once when scoring: their (chunk, k, D) neighbours stay in cache. The FAISS search takes the
 whole batch in one call instead, since its per-call cost (thread start-up, per-query set-up) is paid per call."""
@@ -101,6 +108,9 @@ class SGFR(BankMethod):
         coverage_quantile: coverage radius = this quantile of distances to the m-th nearest neighbour (see
             `sparse_sample`); 1.0 makes coverage nearly void, and usage alone then favours hub vectors.
         sample_size: vectors coded per sampling call to estimate usage.
+        selection_chunk: most candidates one final selection pass sees (0 = all at once); more are split at random
+            into near-equal chunks that each select their share of the basis (`select_in_chunks`), so the fit's
+            cost grows linearly with the data instead of as N^1.5.
         index, nlist, nprobe: FAISS index of the basis: "auto" (exact below `IVF_FROM_VECTORS` basis vectors, IVF
             from there on), "flat" or "ivf"; IVF cells (0 = `IVF_CELLS_PER_SQRT` x sqrt of the basis size) and
             cells visited per query.
@@ -125,6 +135,7 @@ class SGFR(BankMethod):
         iterations: int = Field(100, ge=1)
         coverage_quantile: float = Field(0.9, gt=0.0, le=1.0)
         sample_size: int = Field(8192, ge=1)
+        selection_chunk: int = Field(SELECTION_CHUNK, ge=0)
         index: Literal["auto", "flat", "ivf"] = "auto"
         nlist: int = Field(0, ge=0)
         nprobe: int = Field(4, ge=1)
@@ -182,7 +193,9 @@ class SGFR(BankMethod):
         n_keep = min(len(vectors), max(k, target))
         vectors = vectors.float()
         vectors = vectors[canonical_order(vectors)]
-        selected = self._select(vectors, n_keep, self.options.seed) if n_keep < len(vectors) else None
+        selected = None if n_keep >= len(vectors) else select_in_chunks(
+            len(vectors), n_keep, self.options.selection_chunk, self.options.seed,
+            lambda members, quota, seed: members[self._select(vectors[members], quota, seed)])
         basis = vectors if selected is None else vectors[selected]
         queries, query_ids = _recall_queries(vectors, basis, selected, self.options.seed)
         index, choice = knn.choose_search(
@@ -309,6 +322,33 @@ class SGFR(BankMethod):
             seed=seed,
             iterations=self.options.iterations,
         )
+
+
+def select_in_chunks(
+    count: int, n_keep: int, chunk_size: int, seed: int, select: Callable[[torch.Tensor, int, int], torch.Tensor]
+) -> torch.Tensor:
+    """Selects `n_keep` of `count` vectors with `select(members, quota, seed)` -> chosen members, chunk by chunk.
+
+    Up to `chunk_size` vectors (or with `chunk_size` 0) one call selects among them all. A larger set is split by a
+    seeded random permutation into the fewest near-equal chunks of at most `chunk_size`; each chunk gets its share
+    of `n_keep` (largest remainders, at least one) and selects on its own. Each chunk is a random sample of the whole
+    set, so it holds every kind of vector at the same mix, and the union of the chunks' selections carries each
+    chunk's guarantee (sparse sampling: every member within its chunk's coverage radius of a kept vector), as the
+    union of per-image coresets does (`condense`): a composable selection, linear in `count` for a fixed chunk size.
+    """
+    everything = torch.arange(count)
+    if not chunk_size or count <= chunk_size:
+        return select(everything, n_keep, seed)
+    chunks = math.ceil(count / chunk_size)
+    members = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tensor_split(chunks)
+    sizes = np.array([len(part) for part in members])
+    exact = n_keep * sizes / count
+    quotas = np.floor(exact).astype(np.int64)
+    quotas[np.argsort(-(exact - quotas), kind="stable")[: n_keep - int(quotas.sum())]] += 1
+    quotas = np.clip(quotas, 1, sizes)
+    logger.info("sgfr: selecting %d of %d candidates in %d chunks of about %d", n_keep, count, chunks, sizes[0])
+    return torch.cat([select(part, int(quota), seed + number)
+                      for number, (part, quota) in enumerate(zip(members, quotas, strict=True))])
 
 
 def self_expressive_codes(

@@ -1,7 +1,7 @@
 """`reconray tune`: hyperparameter sweeps on Ray Tune, scored on the validation split, never on the test split.
 
-The driver carves each category's normal training images (`validation.carve`: fit, calibration, validation), paints
-synthetic anomalies on half of the validation images, and extracts the backbone features of those three sets once
+The driver carves each category's normal training images (`validation.carve`: fit, calibration, validation), paints a
+synthetic anomaly on a copy of every validation image, and extracts the backbone features of those three sets once
 per feature setting; they go to the object store, so every trial reads the same arrays instead of re-running the
 backbone. A trial builds the method with its options, fits it in its own process (the methods' in-process `fit`),
 scores the validation features through `methods.scoring.score_features` (the scoring path every entry point uses)

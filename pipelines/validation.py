@@ -1,4 +1,4 @@
-"""The validation split: normal training images held out to choose settings, half of them with painted defects.
+"""The validation split: normal training images held out to choose settings, each also scored with a painted defect.
 
 Choosing settings (`reconray tune`, RLR checkpoint selection, defaults) must never look at the test split, or the
 reported test metrics would be tuned on. This module is the one place that split is made; it opens only training
@@ -7,7 +7,7 @@ images and refuses any sample of another split.
 Carving (`carve`), per category of normal training images:
     calibration  exactly the images `calibration_split` holds out for `fit_model`'s threshold, so a trial's
                  threshold comes from the images `fit_model` would use.
-    validation   `validation_ratio` of the category's images (at least two: one to paint, one kept normal), taken
+    validation   `validation_ratio` of the category's images (at least two, so that a ranking exists), taken
                  from the rest in the order of a sha1 of each image's path relative to the category's common folder.
                  Where every image of a category lies in one folder (MVTec AD, plain folders) that key is the file
                  name, the very key `calibration_split` hashes. Where names repeat across folders (KolektorSDD's
@@ -19,17 +19,21 @@ The input is put in path order before `calibration_split` sees it: it breaks tie
 order, and path order is what `discover` yields for folder layouts and for CSVs listed in path order (MTD, KSDD).
 The calibration share is not a parameter: another share would no longer be the images `fit_model` holds out.
 
-Painting (`paint_validation_set`), per category: a seeded half of the validation images gets one defect each, the
-other half is kept normal and referenced in place. Kinds and their shares are `DEFECT_SHARES`, sizes are drawn
-log-uniformly over `AREA_FRACTION`. A painted image keeps its source's size; it is written as PNG (lossless, so
-the mask stays exact), grey-scale when the source is grey, so a grey camera's defect stays grey. The mask is exact
-by construction: the pixels where some channel changed by more than `CHANGE_TOLERANCE`, plus the holes they enclose
-in the painted region's core (a pasted patch or a texture blob has pixels that happen to match the source; a person
-would mark the whole region, as MVTec AD's masks do). Every change outside the mask is undone, so there the image
-equals its source bit for bit. A draw that changes too little (a colour shift on a black region, a patch pasted
-onto a look-alike) is redrawn, so no mask is empty. Every image's draw comes from its own generator keyed by the seed
-and its path, so the files are byte-identical for the same inputs and seed. `validation.json` in `out_dir` records
-the seed, the constants, and per image its kind, mask share, source and donor (written files relative to `out_dir`).
+Painting (`paint_validation_set`), per category: every validation image is scored twice, as the normal image it is
+(referenced in place) and as a copy with one painted defect. Pairs double both classes of the objective over painting
+half the images and keeping the other half normal (the split this replaced), at no cost in fit images, and each painted
+image differs from a normal one of the split by its defect alone; with a few dozen validation images per category, the
+objective's noise decided among near-tied settings (benchmarks/RESULTS.md, "Hyperparameter sweeps"). Kinds and their
+shares are `DEFECT_SHARES`, sizes are drawn log-uniformly over `AREA_FRACTION`. A painted image keeps its source's size;
+it is written as PNG (lossless, so the mask stays exact), grey-scale when the source is grey, so a grey camera's defect
+stays grey. The mask is exact by construction: the pixels where some channel changed by more than `CHANGE_TOLERANCE`,
+plus the holes they enclose in the painted region's core (a pasted patch or a texture blob has pixels that happen to
+match the source; a person would mark the whole region, as MVTec AD's masks do). Every change outside the mask is
+undone, so there the image equals its source bit for bit. A draw that changes too little (a colour shift on a black
+region, a patch pasted onto a look-alike) is redrawn, so no mask is empty. Every image's draw comes from its own
+generator keyed by the seed and its path, so the files are byte-identical for the same inputs and seed.
+`validation.json` in `out_dir` records the seed, the constants, and per image its kind, mask share, source and donor
+(written files relative to `out_dir`).
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ class Carving:
     Attributes:
         fit: what a trial fits on.
         calibration: what calibrates the threshold (exactly `fit.calibration_split`'s held-out images).
-        validation: what settings are chosen on, before `paint_validation_set` paints half of it.
+        validation: what settings are chosen on, as is and with a defect painted on each (`paint_validation_set`).
     """
 
     fit: list[Sample]
@@ -175,7 +179,7 @@ def carve(samples: Sequence[Sample], validation_ratio: float = VALIDATION_RATIO)
 
 
 def paint_validation_set(validation: Sequence[Sample], out_dir: str | Path, seed: int = 0) -> list[Sample]:
-    """Paints one defect on a seeded half of each category's validation images and writes them with their masks.
+    """Paints one defect on a copy of every validation image and writes the copies with their masks.
 
     Writes `<out_dir>/<category>/<kind>/<nnn>_<stem>.png`, its mask `<out_dir>/<category>/ground_truth/<kind>/
     <nnn>_<stem>_mask.png` (0/255) and `<out_dir>/validation.json`; normal images are not copied.
@@ -184,34 +188,32 @@ def paint_validation_set(validation: Sequence[Sample], out_dir: str | Path, seed
         validation: normal training images, usually `carve(...).validation`.
         out_dir: folder to write into; created if missing. Files already there are left alone: the returned samples
             and `validation.json` say which files are this set.
-        seed: which half is painted and how; the same inputs and seed give byte-identical files.
+        seed: which defect each image gets; the same inputs and seed give byte-identical files.
 
     Raises:
-        DatasetError: a sample that is not a normal training image, or a category with fewer than two images (it
-            could not have both a normal and a painted one).
+        DatasetError: a sample that is not a normal training image, or a category with fewer than two images (one
+            normal image against its own painted copy is no ranking to choose settings on).
 
     Returns:
-        Samples in category then path order, with split "test": what `datasets.validate` checks masks for and what
-        the scoring code reads as ground truth (label 1, the defect kind and the mask for a painted image; label 0
-        and the source image for a normal one). None of them is an image of the test split.
+        Samples in category then path order, each normal image followed by its painted copy, with split "test":
+        what `datasets.validate` checks masks for and what the scoring code reads as ground truth (label 1, the
+        defect kind and the mask for a painted image; label 0 and the source image for a normal one). None of them
+        is an image of the test split.
     """
     out_dir = Path(out_dir)
     painted: list[Sample] = []
     entries: list[dict] = []
     for category, members in _by_category(_normal_training(validation)).items():
         if len(members) < 2:
-            raise DatasetError(f"category {category!r}: {len(members)} validation image; at least two are needed, one "
-                               "kept normal and one painted")
+            raise DatasetError(f"category {category!r}: {len(members)} validation image; at least two are needed to "
+                               "rank painted images above normal ones")
         rng = np.random.default_rng([seed, _digest(category)])
-        chosen = rng.permutation(len(members))[: len(members) // 2]
-        kinds = dict(zip(chosen.tolist(), _quota(rng, len(chosen)), strict=True))
+        kinds = _quota(rng, len(members))
         keys = _stable_keys(members)
         for index, sample in enumerate(members):
-            if index not in kinds:
-                painted.append(Sample(sample.image, category, "test", 0))
-                entries.append({"image": sample.image, "category": category, "label": 0, "defect": NORMAL,
-                                "source": sample.image})
-                continue
+            painted.append(Sample(sample.image, category, "test", 0))
+            entries.append({"image": sample.image, "category": category, "label": 0, "defect": NORMAL,
+                            "source": sample.image})
             sample_rng = np.random.default_rng([seed, _digest(category), _digest(keys[sample])])
             donor = members[(index + 1 + int(sample_rng.integers(len(members) - 1))) % len(members)]
             source = decode_rgb(sample.image)
@@ -236,8 +238,7 @@ def paint_validation_set(validation: Sequence[Sample], out_dir: str | Path, seed
                 "area_fraction": list(AREA_FRACTION), "change_tolerance": CHANGE_TOLERANCE, "images": entries}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    logger.info("painted %d of %d validation images into %s (seed %d)", sum(s.label for s in painted), len(painted),
-                out_dir, seed)
+    logger.info("painted a copy of each of %d validation images into %s (seed %d)", len(entries) // 2, out_dir, seed)
     return painted
 
 

@@ -141,6 +141,49 @@ def test_sparse_sampling_keeps_every_isolated_pattern_even_beyond_its_budget() -
     _assert_covered(everything.numpy(), kept.numpy(), _mth_neighbour_radius(everything.numpy(), 10, 0.95))
 
 
+def test_chunks_partition_the_candidates_and_share_the_basis_by_size() -> None:
+    calls: list[tuple[torch.Tensor, int, int]] = []
+
+    def first(members: torch.Tensor, quota: int, seed: int) -> torch.Tensor:
+        calls.append((members, quota, seed))
+        return members[:quota]
+
+    chosen = sgfr.select_in_chunks(2500, 250, 1000, 7, first)
+    assert [(len(members), quota, seed) for members, quota, seed in calls] == [(834, 84, 7), (833, 83, 8), (833, 83, 9)]
+    assert torch.equal(torch.sort(torch.cat([members for members, _, _ in calls])).values, torch.arange(2500))
+    assert len(torch.unique(chosen)) == 250
+    calls.clear()
+    assert torch.equal(sgfr.select_in_chunks(2500, 250, 0, 7, first), torch.arange(250)) and len(calls) == 1
+
+
+def test_a_large_candidate_set_is_selected_in_chunks_that_each_cover_their_members(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Beyond `selection_chunk` candidates, sparse sampling runs on random chunks (a fit linear in the data): the
+    basis keeps its size, every candidate is within its chunk's coverage radius of the basis, and the basis depends
+    on the candidates only, not on their order."""
+    selections: list[tuple[np.ndarray, np.ndarray, int]] = []
+    sample = sgfr.sparse_sample
+
+    def recording_sample(vectors: torch.Tensor, n_keep: int, **kwargs) -> torch.Tensor:
+        kept = sample(vectors, n_keep, **kwargs)
+        selections.append((vectors.numpy(), kept.numpy(), n_keep))
+        return kept
+
+    monkeypatch.setattr(sgfr, "sparse_sample", recording_sample)
+    points, _ = _subspaces(3000, seed=6)
+    options = {"basis_ratio": 0.1, "k": 8, "selection_chunk": 1000, "coverage_quantile": 0.95, "sample_size": 5000}
+    method = create_method("sgfr", **options)
+    method.fit_bank(points)
+    assert [len(vectors) for vectors, _, _ in selections] == [1000, 1000, 1000]
+    assert method.bank_stats()[0] == 300 == sum(len(kept) for _, kept, _ in selections)
+    for vectors, kept, n_keep in selections:
+        _assert_covered(vectors, kept, _mth_neighbour_radius(vectors, n_keep, 0.95))
+    reordered = create_method("sgfr", **options)
+    reordered.fit_bank(points[torch.randperm(3000, generator=torch.Generator().manual_seed(2))])
+    assert torch.equal(method.basis, reordered.basis)
+
+
 @pytest.mark.parametrize("sampling", ["sparse", "coreset", "random"])
 def test_basis_size_follows_the_ratio_of_all_vectors_seen(sampling: str) -> None:
     points, _ = _subspaces(8 * 64, seed=2)
