@@ -1,10 +1,10 @@
 """Bank-method defaults re-validated on every dataset at hand, on validation splits only (issue 14).
 
 Datasets: MTD and KSDD (`../shared/data`), the normal cells of the PyPI package `elpv-dataset` (categories mono and
-poly; its defect labels are not used) and the synthetic set made with another seed (1) than the one `reconray run`
-and the other benchmarks evaluate (0). Per category, the normal training images are carved by
-`reconray.pipelines.validation` (fit / calibration / validation: the split `reconray tune` and rlr use) and half of
-the validation images get painted defects with exact masks. No test image is opened.
+poly; its defect labels are not used) and the synthetic set made with another seed (1) than the one `reconray run` and
+the other benchmarks evaluate (0). Per category, the normal training images are carved by
+`reconray.pipelines.validation` (fit / calibration / validation: the split `reconray tune` and rlr use) and every
+validation image is scored as is and with a painted defect (exact mask) on a copy. No test image is opened.
 
 Per feature setting (`--features`, aggregation:pool) the backbone runs once over the fit and validation images, in
 process; per category, full-bank patchcore with exact search (the quality reference of issue 14) and each sgfr
