@@ -213,7 +213,15 @@ class BankMethod(AnomalyMethod):
             total_vectors += count
         if not candidates:
             raise DatasetError(f"{self.name}: no training features to fit on (empty training split?)")
-        self.fit_bank(torch.cat(candidates), total_vectors=total_vectors)
+        self.fit_bank(take_all(candidates), total_vectors=total_vectors)
+
+
+def take_all(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`parts` joined into one tensor, the list emptied: a fit holds the gathered candidates once, and a `fit_bank`
+    that copies them (into value order, into an index) can drop them (driver memory, RESULTS "Fit scale")."""
+    joined = torch.cat(parts)
+    parts.clear()
+    return joined
 
 
 def canonical_order(vectors: torch.Tensor) -> torch.Tensor:

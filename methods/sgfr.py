@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from reconray.methods import knn
 from reconray.methods.base import BankMethod, MethodOptions, MethodState, canonical_order, register_method
@@ -108,7 +108,8 @@ class SGFR(BankMethod):
         coverage_quantile: coverage radius = this quantile of distances to the m-th nearest neighbour (see
             `sparse_sample`); 1.0 makes coverage nearly void, and usage alone then favours hub vectors.
         sample_size: vectors coded per sampling call to estimate usage.
-        selection_chunk: most candidates one final selection pass sees (0 = all at once); more are split at random
+        selection_chunk: most candidates one final selection pass sees (0 = all at once, else at least 2 (k + 1), so
+            that every chunk holds more than k); more are split at random
             into near-equal chunks that each select their share of the basis (`select_in_chunks`), so the fit's
             cost grows linearly with the data instead of as N^1.5.
         index, nlist, nprobe: FAISS index of the basis: "auto" (exact below `IVF_FROM_VECTORS` basis vectors, IVF
@@ -142,6 +143,14 @@ class SGFR(BankMethod):
         search_dims: int = Field(32, ge=0)
         recall_target: float = Field(0.0, ge=0.0, le=1.0)
         seed: int = 0
+
+        @model_validator(mode="after")
+        def _check_selection_chunk(self) -> SGFR.Options:
+            # A chunk holds more than half of `selection_chunk` vectors; sparse sampling needs more than k of them.
+            if self.selection_chunk and self.selection_chunk < 2 * (self.k + 1):
+                raise ValueError(f"selection_chunk {self.selection_chunk} must be 0 (one pass) or at least "
+                                 f"2 (k + 1) = {2 * (self.k + 1)}")
+            return self
 
     name = "sgfr"
 
@@ -331,7 +340,8 @@ def select_in_chunks(
 
     Up to `chunk_size` vectors (or with `chunk_size` 0) one call selects among them all. A larger set is split by a
     seeded random permutation into the fewest near-equal chunks of at most `chunk_size`; each chunk gets its share
-    of `n_keep` (largest remainders, at least one) and selects on its own. Each chunk is a random sample of the whole
+    of `n_keep` (largest remainders, so the shares add up to `n_keep`; a chunk whose share is 0 selects nothing) and
+    selects on its own. Each chunk is a random sample of the whole
     set, so it holds every kind of vector at the same mix, and the union of the chunks' selections carries each
     chunk's guarantee (sparse sampling: every member within its chunk's coverage radius of a kept vector), as the
     union of per-image coresets does (`condense`): a composable selection, linear in `count` for a fixed chunk size.
@@ -345,10 +355,10 @@ def select_in_chunks(
     exact = n_keep * sizes / count
     quotas = np.floor(exact).astype(np.int64)
     quotas[np.argsort(-(exact - quotas), kind="stable")[: n_keep - int(quotas.sum())]] += 1
-    quotas = np.clip(quotas, 1, sizes)
     logger.info("sgfr: selecting %d of %d candidates in %d chunks of about %d", n_keep, count, chunks, sizes[0])
-    return torch.cat([select(part, int(quota), seed + number)
-                      for number, (part, quota) in enumerate(zip(members, quotas, strict=True))])
+    return torch.cat([everything[:0]] + [select(part, int(quota), seed + number)
+                                         for number, (part, quota) in enumerate(zip(members, quotas, strict=True))
+                                         if quota])
 
 
 def self_expressive_codes(

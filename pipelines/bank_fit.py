@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from reconray.methods import create_method
-from reconray.methods.base import BankMethod
+from reconray.methods.base import BankMethod, take_all
 from reconray.methods.errors import DatasetError
 from reconray.methods.scoring import anomaly_map, content_mask, image_scores
 from reconray.pipelines.console import stage
@@ -53,7 +53,7 @@ def fit_bank(method: BankMethod, context: FitContext) -> BankMethod:
                 held_out.append({key: value[~kept] for key, value in batch.items()})
             advance(int(batch["image_count"].sum()))
     streamed = time.perf_counter()
-    method.fit_bank(_take_all(candidates), total_vectors=total_vectors)
+    method.fit_bank(take_all(candidates), total_vectors=total_vectors)
     built = time.perf_counter()
     if context.calibration:
         context.calibration_scores = _calibration_scores(method, held_out, len(context.calibration),
@@ -61,14 +61,6 @@ def fit_bank(method: BankMethod, context: FitContext) -> BankMethod:
     context.stage_s |= {"features_condense": streamed - started, "bank": built - streamed,
                         "calibration_scores": time.perf_counter() - built}
     return method
-
-
-def _take_all(parts: list[torch.Tensor]) -> torch.Tensor:
-    """`parts` joined into one tensor, the list emptied: the driver holds the gathered candidates once, and a
-    `fit_bank` that copies them (into value order, into an index) can drop them (driver memory, RESULTS "Fit scale")."""
-    joined = torch.cat(parts)
-    parts.clear()
-    return joined
 
 
 def _calibration_scores(method: BankMethod, held_out: list[dict[str, np.ndarray]], count: int,

@@ -154,6 +154,15 @@ def test_chunks_partition_the_candidates_and_share_the_basis_by_size() -> None:
     assert len(torch.unique(chosen)) == 250
     calls.clear()
     assert torch.equal(sgfr.select_in_chunks(2500, 250, 0, 7, first), torch.arange(250)) and len(calls) == 1
+    calls.clear()
+    assert len(sgfr.select_in_chunks(3000, 2, 1000, 0, first)) == 2  # fewer to keep than chunks: still exactly 2
+    assert sorted(quota for _, quota, _ in calls) == [1, 1]
+
+
+def test_a_selection_chunk_some_chunk_could_not_sample_in_is_refused() -> None:
+    with pytest.raises(OptionError, match=r"selection_chunk 16 must be 0 \(one pass\) or at least 2 \(k \+ 1\) = 34"):
+        create_method("sgfr", k=16, selection_chunk=16)
+    assert create_method("sgfr", k=16, selection_chunk=34).options.selection_chunk == 34
 
 
 def test_a_large_candidate_set_is_selected_in_chunks_that_each_cover_their_members(
