@@ -8,8 +8,8 @@ Usage:
 Per method, `fit_model` (what `reconray fit` runs) on a fresh local Ray, so Ray's start and its workers' imports are
 counted as a user pays them; the artifact's `fit.stages` say where the time went (discovery and validation pass, Ray
 start, the streamed features + condense pass, the bank build, scoring the calibration vectors, saving + thresholds),
-and Ray's task timeline splits the streamed pass into its operators' busy seconds (decode tasks, backbone actor,
-condense tasks) and the time before the first backbone batch (worker start-up and imports). The floor is measured in
+and Ray's task timeline splits the streamed pass into its operators' busy seconds (decode tasks, and the backbone
+actor, which condenses each batch it embeds) and the time before the first backbone batch (worker start-up and imports). The floor is measured in
 this process on the same images and spec: decode + preprocess, then the backbone alone at 2 torch threads.
 
 Progress goes to the console; the result table (markdown, for RESULTS.md) to stdout at the end.
@@ -35,7 +35,7 @@ from reconray.pipelines.fit import fit_model
 from reconray.pipelines.ingest import preprocess
 
 BATCH = 16
-OPERATORS = {"decode": "_decode_batch", "backbone": "_FeatureActor", "condense": "_condense_batch"}
+OPERATORS = {"decode": "_decode_batch", "backbone + condense": "_FeatureActor"}
 
 logger = logging.getLogger("reconray.benchmarks.fit_profile")
 
@@ -75,8 +75,8 @@ def operator_seconds(events: list[dict[str, Any]]) -> dict[str, float]:
                 busy[name] += event["dur"] / 1e6
                 first[name] = min(first.get(name, float("inf")), event["ts"] / 1e6)
     busy = dict(busy)
-    if "decode" in first and "backbone" in first:
-        busy["until_first_backbone_batch"] = first["backbone"] - first["decode"]
+    if "decode" in first and "backbone + condense" in first:
+        busy["until_first_backbone_batch"] = first["backbone + condense"] - first["decode"]
     return busy
 
 

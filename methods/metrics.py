@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
 _COUNT_NAMES = ("n_images", "n_anomalous")
@@ -175,6 +174,8 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
         labels: (N,) 1 for anomalous, 0 for normal.
         scores: (N,) image anomaly scores, higher = more anomalous.
     """
+    from sklearn.metrics import roc_auc_score  # a second of import: not paid by the commands that never score
+
     labels, scores = _check_image_inputs(labels, scores)
     if labels.all() or not labels.any():
         return None
@@ -186,6 +187,8 @@ def image_f1_max(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
     None without an anomalous image (F1 is then undefined); defined without normal images.
     """
+    from sklearn.metrics import precision_recall_curve  # see image_auroc
+
     labels, scores = _check_image_inputs(labels, scores)
     if not labels.any():
         return None

@@ -4,6 +4,7 @@ Each image's patch vectors are condensed (`BankMethod.condense`: patchcore's gre
 sampling) where they were computed, so the driver only ever gathers candidate vectors and calls `fit_bank` once; as
 each image is condensed on its own and `fit_bank` orders its candidates by value, the model does not depend on how
 Ray Data batched the images, nor on a task retried on another node.
+Condensing runs inside the backbone actor when the features are streamed (`FitContext.features`' `then`).
 Patches of a padded canvas's padding (`ModelSpec.resize = "keep-aspect"`) are dropped before condensing: they are
 not part of any image. The threshold's calibration images go through the same pass: their patch vectors come back
 whole and are scored once the bank exists (`BankMethod.score_vectors`, then `methods.scoring`'s map and image
@@ -14,6 +15,7 @@ artifact.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -35,13 +37,9 @@ def fit_bank(method: BankMethod, context: FitContext) -> BankMethod:
     scores the calibration images' vectors, gathered in the same pass, into `context.calibration_scores`."""
     calibration = {sample.image: number for number, sample in enumerate(context.calibration)}
     everything = dataclasses.replace(context, samples=[*context.samples, *context.calibration])
-    condensed = everything.features().map_batches(
-        _condense_batch,
-        fn_kwargs={"method_name": method.name, "options": method.options.model_dump(), "calibration": calibration,
-                   "canvas": context.spec.image_size},
-        batch_size=context.resources.batch_size,
-        num_cpus=context.resources.decode_cpus,
-    )
+    condensed = everything.features(then=functools.partial(
+        _condense_batch, method_name=method.name, options=method.options.model_dump(), calibration=calibration,
+        canvas=context.spec.image_size))
     candidates, total_vectors, held_out = [], 0, []
     started = time.perf_counter()
     with stage(f"fit {method.name}: features + condense", total=len(everything.samples)) as advance:
@@ -94,7 +92,6 @@ def _condense_batch(
     a batch may condense to fewer vectors than it had images). `grid` is each calibration vector's image's patch grid
     and `content` its image's size on the `canvas`-pixel square.
     """
-    torch.set_num_threads(1)
     method = create_method(method_name, **options)
     numbers = np.array([calibration.get(str(image), -1) for image in batch["image"]])
     features = level_tensors(batch)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pydantic
 import ray
+import torch
 
 from reconray.methods.artifact import ModelSpec
 from reconray.methods.base import AnomalyMethod
@@ -42,6 +43,13 @@ def cache_columns(spec: ModelSpec) -> list[str]:
     return [*level_columns(len(spec.levels)), "category", "image", "content"]
 
 COMPLETE_MARKER = "COMPLETE"
+BatchMap = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def _in_one_thread(batch: dict[str, np.ndarray], then: BatchMap) -> dict[str, np.ndarray]:
+    """`then` in a task that holds less than a core: one torch thread, so tasks never oversubscribe the node."""
+    torch.set_num_threads(1)
+    return then(batch)
 
 
 class TrainConfig(pydantic.BaseModel):
@@ -120,11 +128,19 @@ class FitContext:
     stage_s: dict[str, float] = dataclasses.field(default_factory=dict)
     """Seconds of the hook's own stages, by name, for the fit record (`FitRecord.stages`)."""
 
-    def features(self) -> ray.data.Dataset:
-        """Backbone features of the samples: from the shared cache when there is one, else streamed once."""
-        if self.feature_cache is not None:
-            return self.cached_features()
-        return feature_dataset(self.samples, self.spec, self.resources)
+    def features(self, then: BatchMap | None = None) -> ray.data.Dataset:
+        """Backbone features of the samples: from the shared cache when there is one, else streamed once.
+
+        `then` maps each feature batch where it is computed: inside the backbone actor when streamed
+        (`ingest.feature_dataset`), else in one-thread tasks over the cached rows.
+        """
+        if self.feature_cache is None:
+            return feature_dataset(self.samples, self.spec, self.resources, then=then)
+        rows = self.cached_features()
+        if then is None:
+            return rows
+        return rows.map_batches(_in_one_thread, fn_kwargs={"then": then}, batch_size=self.resources.batch_size,
+                                num_cpus=self.resources.decode_cpus)
 
     def cached_features(self) -> ray.data.Dataset:
         """Backbone features of the samples, extracted once into Parquet shards keyed by `feature_key`.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,13 +81,18 @@ def image_dataset(samples: Sequence[Sample], spec: ModelSpec, resources: Resourc
 
 
 def feature_dataset(
-    samples: Sequence[Sample], spec: ModelSpec, resources: Resources, masks: bool = False
+    samples: Sequence[Sample], spec: ModelSpec, resources: Resources, masks: bool = False,
+    then: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
 ) -> ray.data.Dataset:
     """Rows with backbone features, one column per level (`level_0` finest, each `(C, h, w)` float32), and the
-    `(S, S)` uint8 ground-truth masks in `gt_mask` when `masks` is set."""
+    `(S, S)` uint8 ground-truth masks in `gt_mask` when `masks` is set.
+
+    `then`, if given, maps each feature batch inside the backbone actor, with the actor's threads (a bank fit's
+    condensing): one operator and one pool of workers fewer than a separate `map_batches`, and only its output
+    leaves the actor."""
     return image_dataset(samples, spec, resources, masks=masks).map_batches(
         _FeatureActor,
-        fn_constructor_kwargs={"spec": spec, "threads": resources.torch_threads},
+        fn_constructor_kwargs={"spec": spec, "threads": resources.torch_threads, "then": then},
         batch_size=resources.batch_size,
         compute=_actor_pool(resources, len(samples)),
         num_cpus=resources.cpus_per_actor,
@@ -183,19 +188,21 @@ def _decode_batch(batch: dict[str, np.ndarray], spec: ModelSpec, masks: bool) ->
 
 
 class _FeatureActor:
-    """Holds one frozen backbone; turns image batches into per-level feature columns."""
+    """Holds one frozen backbone; turns image batches into per-level feature columns, mapped by `then` if given."""
 
-    def __init__(self, spec: ModelSpec, threads: int) -> None:
+    def __init__(self, spec: ModelSpec, threads: int,
+                 then: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None) -> None:
         torch.set_num_threads(threads)
         self.device = pick_device()
         self.extractor = spec.extractor().to(self.device).eval()
+        self.then = then
 
-    @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        features = self.extractor(as_tensor(batch.pop("pixels")).to(self.device))
+        with torch.inference_mode():
+            features = self.extractor(as_tensor(batch.pop("pixels")).to(self.device))
         for level, tensor in enumerate(features):
             batch[LEVEL_COLUMN.format(level)] = tensor.float().cpu().numpy()
-        return batch
+        return batch if self.then is None else self.then(batch)
 
 
 class _ScoreActor:

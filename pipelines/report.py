@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
-from sklearn.metrics import auc, roc_curve
 
 from reconray.methods.knn import SearchChoice
 from reconray.methods.metrics import METRIC_NAMES
@@ -183,6 +182,8 @@ def roc_plot(title: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) ->
     The legend gives each curve's AUROC; an entry whose labels hold one class only has no curve and is listed as
     "n/a", so a degenerate category still shows which methods were there.
     """
+    from sklearn.metrics import auc, roc_curve  # a second of import, paid only by the commands that plot
+
     plot = Image.new("RGB", ROC_SIZE, _BACKGROUND)
     draw = ImageDraw.Draw(plot)
     font = _font(12)
