@@ -9,8 +9,9 @@ Per method, `fit_model` (what `reconray fit` runs) on a fresh local Ray, so Ray'
 counted as a user pays them; the artifact's `fit.stages` say where the time went (discovery and validation pass, Ray
 start, the streamed features + condense pass, the bank build, scoring the calibration vectors, saving + thresholds),
 and Ray's task timeline splits the streamed pass into its operators' busy seconds (decode tasks, and the backbone
-actor, which condenses each batch it embeds) and the time before the first backbone batch (worker start-up and imports). The floor is measured in
-this process on the same images and spec: decode + preprocess, then the backbone alone at 2 torch threads.
+actor, which condenses each batch it embeds) and the time before the first backbone batch (worker start-up and
+imports). The floor is measured in this process on the same images and spec: decode + preprocess, then the backbone
+alone at 2 torch threads.
 
 Progress goes to the console; the result table (markdown, for RESULTS.md) to stdout at the end.
 """
