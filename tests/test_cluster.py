@@ -62,7 +62,7 @@ def _nodes_of_actors(cluster: Cluster, class_name: str) -> set[str]:
              for node in list_nodes(address=cluster.dashboard, detail=True)}
     actors = list_actors(address=cluster.dashboard, filters=[("class_name", "=", class_name)], detail=True,
                          limit=1000, raise_on_missing_output=False)
-    return {names[actor.node_id] for actor in actors}
+    return {names[actor.node_id] for actor in actors if actor.node_id}  # never placed: no node
 
 
 def test_the_readme_cluster_session_runs_every_command_from_a_bucket_on_both_nodes(
