@@ -315,10 +315,19 @@ def pytest_make_collect_report(
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tiers every test not marked explicitly: integration if it needs the session's Ray (even through another
     fixture), else unit. Tests that start Ray some other way (a subprocess, their own cluster) are marked explicitly.
+    Then orders the modules: those that never use the session's Ray first.
     """
     for item in items:
         if not _explicit_tiers(item):
             item.add_marker("integration" if "ray_session" in item.fixturenames else "unit")
+    # Modules that never use the session's Ray run first, before it starts: the README and cluster tests start Ray
+    # in subprocesses of their own, which then do not share 2 cores with an idle one. A module's tests stay together.
+    with_session_ray = {_module_of(item) for item in items if "ray_session" in item.fixturenames}
+    items.sort(key=lambda item: _module_of(item) in with_session_ray)
+
+
+def _module_of(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0]
 
 
 @pytest.hookimpl(tryfirst=True)
