@@ -31,7 +31,7 @@ from reconray.methods.artifact import ModelSpec
 from reconray.methods.base import AnomalyMethod
 from reconray.methods.errors import OptionError
 from reconray.pipelines.datasets import Sample
-from reconray.pipelines.ingest import Resources, feature_dataset, level_columns
+from reconray.pipelines.ingest import BatchMap, Resources, feature_dataset, level_columns
 from reconray.pipelines.storage import as_location, is_uri, modified_time
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ def cache_columns(spec: ModelSpec) -> list[str]:
     return [*level_columns(len(spec.levels)), "category", "image", "content"]
 
 COMPLETE_MARKER = "COMPLETE"
-BatchMap = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 def _in_one_thread(batch: dict[str, np.ndarray], then: BatchMap) -> dict[str, np.ndarray]:

@@ -29,6 +29,8 @@ from reconray.pipelines.storage import local_model
 LEVEL_COLUMN = "level_{}"
 """Feature rows hold one column per backbone level, finest first: `level_0`, `level_1`, ... each `(C, h, w)` float32."""
 SAMPLE_COLUMNS = ("image", "category", "split", "label", "defect", "mask")
+BatchMap = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+"""A function of one numpy batch, as `map_batches` takes it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,7 @@ def image_dataset(samples: Sequence[Sample], spec: ModelSpec, resources: Resourc
 
 def feature_dataset(
     samples: Sequence[Sample], spec: ModelSpec, resources: Resources, masks: bool = False,
-    then: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    then: BatchMap | None = None,
 ) -> ray.data.Dataset:
     """Rows with backbone features, one column per level (`level_0` finest, each `(C, h, w)` float32), and the
     `(S, S)` uint8 ground-truth masks in `gt_mask` when `masks` is set.
@@ -191,7 +193,7 @@ class _FeatureActor:
     """Holds one frozen backbone; turns image batches into per-level feature columns, mapped by `then` if given."""
 
     def __init__(self, spec: ModelSpec, threads: int,
-                 then: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None) -> None:
+                 then: BatchMap | None = None) -> None:
         torch.set_num_threads(threads)
         self.device = pick_device()
         self.extractor = spec.extractor().to(self.device).eval()

@@ -322,12 +322,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker("integration" if "ray_session" in item.fixturenames else "unit")
     # Modules that never use the session's Ray run first, before it starts: the README and cluster tests start Ray
     # in subprocesses of their own, which then do not share 2 cores with an idle one. A module's tests stay together.
-    with_session_ray = {_module_of(item) for item in items if "ray_session" in item.fixturenames}
-    items.sort(key=lambda item: _module_of(item) in with_session_ray)
-
-
-def _module_of(item: pytest.Item) -> str:
-    return item.nodeid.split("::", 1)[0]
+    with_session_ray = {item.path for item in items if "ray_session" in item.fixturenames}
+    items.sort(key=lambda item: item.path in with_session_ray)
 
 
 @pytest.hookimpl(tryfirst=True)
