@@ -497,13 +497,18 @@ def _cover(vectors: torch.Tensor, ranking: torch.Tensor, n_keep: int, radius: fl
     """Applies the coverage rule of `sparse_sample` to vectors ranked by usage; returns the kept indices.
 
     Each vector remembers its nearest kept vector ("owner"); when representatives push the least used vectors out of
-    the budget, only the vectors those owned are searched again, so the repeated passes stay cheap.
+    the budget, only the vectors those owned are searched again, so the repeated passes stay cheap. A kept vector
+    owns itself at distance 0 and is not searched for (its search would find itself): at a 1-in-3 budget that skips
+    a third of the first pass, the costliest search of a fit (benchmarks/RESULTS.md, "Where a bank fit's time goes").
     """
     points = np.ascontiguousarray(vectors.cpu().numpy())
     ranking = ranking.numpy()
     n_usage = n_keep
     representatives = np.empty(0, dtype=np.int64)
-    gap, owner = _nearest_kept(points, ranking[:n_usage], np.arange(len(points)))
+    gap, owner = np.zeros(len(points)), np.arange(len(points))
+    others = np.setdiff1d(owner, ranking[:n_usage], assume_unique=True)
+    if len(others):
+        gap[others], owner[others] = _nearest_kept(points, ranking[:n_usage], others)
     while True:
         uncovered = np.nonzero(gap > radius)[0]
         if len(uncovered) == 0:

@@ -130,6 +130,24 @@ def test_sparse_sampling_covers_every_vector_with_an_approximate_kept_search(mon
     _assert_covered(points.numpy(), kept.numpy(), _mth_neighbour_radius(points.numpy(), 800, 0.95))
 
 
+def test_the_coverage_pass_searches_only_the_vectors_outside_the_kept_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept vector owns itself, so the first coverage search skips the kept vectors; coverage still holds."""
+    searches: list[tuple[np.ndarray, np.ndarray]] = []
+    nearest_kept = sgfr._nearest_kept
+
+    def recording_nearest_kept(points: np.ndarray, kept: np.ndarray, queries: np.ndarray):
+        searches.append((kept.copy(), queries.copy()))
+        return nearest_kept(points, kept, queries)
+
+    monkeypatch.setattr(sgfr, "_nearest_kept", recording_nearest_kept)
+    points, _ = _subspaces(1200, seed=3)
+    kept = sparse_sample(points, 120, k=8, sample_size=5000, coverage_quantile=0.95, seed=0)
+    first_kept, first_queries = searches[0]
+    assert len(first_kept) == 120 and len(first_queries) == 1080
+    assert np.array_equal(np.sort(np.concatenate([first_kept, first_queries])), np.arange(1200))
+    _assert_covered(points.numpy(), kept.numpy(), _mth_neighbour_radius(points.numpy(), 120, 0.95))
+
+
 def test_sparse_sampling_keeps_every_isolated_pattern_even_beyond_its_budget() -> None:
     points, _ = _subspaces(900)
     generator = torch.Generator().manual_seed(5)
