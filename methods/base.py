@@ -168,6 +168,11 @@ class BankMethod(AnomalyMethod):
         """Returns the candidate vectors of one image worth gathering; by default all of them."""
         return vectors
 
+    def condense_each(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`condense` of each image's vectors. A method may share work across the images (one batched solve), but
+        each image's candidates must be what `condense` keeps of it alone."""
+        return [self.condense(vectors) for vectors in images]
+
     def condense_images(self, features: list[torch.Tensor],
                         patch_masks: torch.Tensor | None = None) -> tuple[list[torch.Tensor], int]:
         """Embeds one feature batch and condenses each image's patch vectors on its own; `patch_masks` `(B, h, w)`
@@ -181,7 +186,7 @@ class BankMethod(AnomalyMethod):
             images = [image[mask] for image, mask in zip(per_image, masks, strict=True)]
         else:
             images = list(per_image)
-        return [self.condense(image) for image in images], sum(len(image) for image in images)
+        return self.condense_each(images), sum(len(image) for image in images)
 
     def score(self, features: list[torch.Tensor]) -> torch.Tensor:
         batch, _, height, width = features[0].shape

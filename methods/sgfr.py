@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -78,6 +78,12 @@ candidates, whose two-chunk fit was validated against the one-pass fit (RESULTS,
 _SCORE_CHUNK = 1024
 """Patches solved at once when scoring: their (chunk, k, D) neighbours stay in cache. The FAISS search takes the
 whole batch in one call instead, since its per-call cost (thread start-up, per-query set-up) is paid per call."""
+
+
+Penalty = float | torch.Tensor
+"""A penalty weight of the code solvers: one for every patch, or one per patch `(N,)` in float64. Per-patch values are
+rounded to the patches' dtype once, after the arithmetic on them, as a float is when it meets a tensor, so a patch
+solved among others gets the codes it gets alone (`sparse_sample_sets`)."""
 
 
 @register_method
@@ -169,12 +175,22 @@ class SGFR(BankMethod):
         pass over all candidates is quadratic in the data, about 50 minutes per fit on MTD's 515 images on 2 CPU
         cores.
         """
+        return self.condense_each([vectors])[0]
+
+    def condense_each(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`condense` of every image, each on its own; sparse sampling solves all their codes in one batched call
+        (`sparse_sample_sets`), so a batch of images pays the solver's per-call cost once, not once per image."""
         factor = 1.0 if self.options.sampling == "coreset" else self.options.candidate_factor
         ratio = min(1.0, factor * self.options.basis_ratio)
-        n_keep = max(self.options.k, math.ceil(ratio * len(vectors)))
-        if n_keep >= len(vectors):
-            return vectors
-        return vectors[self._select(vectors, n_keep, _content_seed(self.options.seed, vectors))]
+        quotas = [max(self.options.k, math.ceil(ratio * len(vectors))) for vectors in images]
+        sampled = [number for number, (vectors, quota) in enumerate(zip(images, quotas, strict=True))
+                   if quota < len(vectors)]
+        chosen = self._select([(images[number], quotas[number], _content_seed(self.options.seed, images[number]))
+                               for number in sampled])
+        condensed = list(images)
+        for number, kept in zip(sampled, chosen, strict=True):
+            condensed[number] = images[number][kept]
+        return condensed
 
     def fit_bank(self, vectors: torch.Tensor, total_vectors: int | None = None) -> None:
         """Selects the basis from the gathered candidates and indexes it.
@@ -204,7 +220,7 @@ class SGFR(BankMethod):
         vectors = vectors[canonical_order(vectors)]
         selected = None if n_keep >= len(vectors) else select_in_chunks(
             len(vectors), n_keep, self.options.selection_chunk, self.options.seed,
-            lambda members, quota, seed: members[self._select(vectors[members], quota, seed)])
+            lambda members, quota, seed: members[self._select([(vectors[members], quota, seed)])[0]])
         basis = vectors if selected is None else vectors[selected]
         queries, query_ids = _recall_queries(vectors, basis, selected, self.options.seed)
         index, choice = knn.choose_search(
@@ -313,22 +329,21 @@ class SGFR(BankMethod):
         lam, tau, iterations = self.options.lam * self._ridge_scale, self.options.tau, self.options.iterations
         return solve_codes(gram, rhs, lam, tau, iterations), gram, rhs
 
-    def _select(self, vectors: torch.Tensor, n_keep: int, seed: int) -> torch.Tensor:
+    def _select(self, sets: list[tuple[torch.Tensor, int, int]]) -> list[torch.Tensor]:
+        """Indices of the vectors kept from each `(vectors, n_keep, seed)` set, by the configured sampling."""
         sampling = self.options.sampling
         if sampling == "random":
-            generator = torch.Generator().manual_seed(seed)
-            return torch.randperm(len(vectors), generator=generator)[:n_keep]
+            return [torch.randperm(len(vectors), generator=torch.Generator().manual_seed(seed))[:n_keep]
+                    for vectors, n_keep, seed in sets]
         if sampling == "coreset":
-            return greedy_coreset(vectors, n_keep, seed=seed)
-        return sparse_sample(
-            vectors,
-            n_keep,
+            return [greedy_coreset(vectors, n_keep, seed=seed) for vectors, n_keep, seed in sets]
+        return sparse_sample_sets(
+            sets,
             k=self.options.k,
             lam=self.options.lam,
             tau=self.options.sampling_tau,
             sample_size=self.options.sample_size,
             coverage_quantile=self.options.coverage_quantile,
-            seed=seed,
             iterations=self.options.iterations,
         )
 
@@ -362,14 +377,14 @@ def select_in_chunks(
 
 
 def self_expressive_codes(
-    neighbours: torch.Tensor, targets: torch.Tensor, lam: float, tau: float, iterations: int = 100
+    neighbours: torch.Tensor, targets: torch.Tensor, lam: Penalty, tau: float, iterations: int = 100
 ) -> torch.Tensor:
     """Codes c `(N, k)` minimising ||y - cB||² + lam (tau ||c||₁ + (1 - tau)/2 ||c||²) for every patch at once.
 
     Args:
         neighbours: each target's dictionary B `(N, k, D)`.
         targets: patch vectors y `(N, D)`.
-        lam: absolute penalty weight (> 0).
+        lam: absolute penalty weight (> 0), one for all patches or one per patch (`Penalty`).
         tau: L1 share in [0, 1]; 0 takes the closed-form ridge path.
         iterations: FISTA iterations when tau > 0.
     """
@@ -382,14 +397,14 @@ def normal_equations(neighbours: torch.Tensor, targets: torch.Tensor) -> tuple[t
     return gram, torch.bmm(neighbours, targets.unsqueeze(2)).squeeze(2)
 
 
-def solve_codes(gram: torch.Tensor, rhs: torch.Tensor, lam: float, tau: float, iterations: int = 100) -> torch.Tensor:
+def solve_codes(gram: torch.Tensor, rhs: torch.Tensor, lam: Penalty, tau: float, iterations: int = 100) -> torch.Tensor:
     """The codes of `self_expressive_codes` from the normal equations G, h."""
     if tau == 0:
         return ridge_codes(gram, rhs, lam / 2)
     return elastic_net_codes(gram, rhs, lam, tau, iterations)
 
 
-def ridge_codes(gram: torch.Tensor, rhs: torch.Tensor, alpha: float) -> torch.Tensor:
+def ridge_codes(gram: torch.Tensor, rhs: torch.Tensor, alpha: Penalty) -> torch.Tensor:
     """Solves `(G + alpha I) c = h` for a batch of symmetric PSD `G` `(N, k, k)` and `h` `(N, k)`.
 
     ||y - cB||² + 2 alpha ||c||² has this normal equation with G = BBᵀ, h = By. `G + alpha I` is positive definite, so
@@ -397,7 +412,7 @@ def ridge_codes(gram: torch.Tensor, rhs: torch.Tensor, alpha: float) -> torch.Te
     benchmarks/notes/sgfr.md). A matrix whose float32 factorisation
     fails (alpha far below rounding noise) is solved again in float64.
     """
-    system = gram + alpha * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    system = gram + _by_row(alpha, gram) * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     factor, info = torch.linalg.cholesky_ex(system)
     codes = torch.cholesky_solve(rhs.unsqueeze(2), factor).squeeze(2)
     failed = info != 0
@@ -406,8 +421,16 @@ def ridge_codes(gram: torch.Tensor, rhs: torch.Tensor, alpha: float) -> torch.Te
     return codes
 
 
+def _by_row(value: Penalty, like: torch.Tensor) -> Penalty:
+    """A `Penalty` ready to meet `like` `(N, ...)`: a float as is, per-patch values rounded to `like`'s dtype and
+    shaped to broadcast over its other axes."""
+    if isinstance(value, torch.Tensor):
+        return value.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    return value
+
+
 def elastic_net_codes(
-    gram: torch.Tensor, rhs: torch.Tensor, lam: float, tau: float, iterations: int = 100
+    gram: torch.Tensor, rhs: torch.Tensor, lam: Penalty, tau: float, iterations: int = 100
 ) -> torch.Tensor:
     """Batched FISTA for min_c cGcᵀ - 2hᵀc + lam (tau ||c||₁ + (1 - tau)/2 ||c||²) (= the elastic-net objective).
 
@@ -417,10 +440,10 @@ def elastic_net_codes(
     """
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"elastic-net tau must be in (0, 1], got {tau}")
-    smooth = lam * (1.0 - tau)
+    smooth = _by_row(lam * (1.0 - tau), rhs)
     eigen_bound = torch.minimum(gram.diagonal(dim1=1, dim2=2).sum(dim=1), gram.abs().sum(dim=2).amax(dim=1))
-    step = (1.0 / (2.0 * eigen_bound + smooth).clamp_min(torch.finfo(gram.dtype).tiny)).unsqueeze(1)
-    threshold = lam * tau * step
+    step = 1.0 / (2.0 * eigen_bound.unsqueeze(1) + smooth).clamp_min(torch.finfo(gram.dtype).tiny)
+    threshold = _by_row(lam * tau, rhs) * step
     codes = ridge_codes(gram, rhs, lam / 2)
     momentum_point = codes
     momentum = 1.0
@@ -463,6 +486,56 @@ def sparse_sample(
     vectors unless coverage alone needs more; then it holds the coverage representatives only, more than `n_keep`.
     Every vector of `vectors` is within r of a kept one either way.
     """
+    return sparse_sample_sets([(vectors, n_keep, seed)], k=k, lam=lam, tau=tau, sample_size=sample_size,
+                              coverage_quantile=coverage_quantile, iterations=iterations)[0]
+
+
+def sparse_sample_sets(
+    sets: Sequence[tuple[torch.Tensor, int, int]],
+    k: int = 16,
+    lam: float = 0.01,
+    tau: float = 0.5,
+    sample_size: int = 8192,
+    coverage_quantile: float = 0.9,
+    iterations: int = 100,
+) -> list[torch.Tensor]:
+    """`sparse_sample` of each `(vectors, n_keep, seed)` set on its own, with one elastic-net solve for the codes of
+    every set: the solver works row by row with each row's own penalty, so a set's codes, and its selection, are the
+    same as alone (tested), while the solver's per-call cost (a hundred small steps) is paid once per batch of
+    images instead of once per image."""
+    sampled = [_usage_sample(vectors, n_keep, k, lam, sample_size, coverage_quantile, seed)
+               for vectors, n_keep, seed in sets]
+    if not sampled:
+        return []
+    penalties = torch.cat([torch.full((len(part.sample),), part.penalty, dtype=torch.float64) for part in sampled])
+    offsets = np.cumsum([0] + [len(part.vectors) for part in sampled[:-1]])
+    vectors = torch.cat([part.vectors for part in sampled])
+    rows = torch.cat([part.sample + offset for part, offset in zip(sampled, offsets, strict=True)]).to(vectors.device)
+    ids = torch.cat([part.neighbour_ids + offset for part, offset in zip(sampled, offsets, strict=True)])
+    codes = self_expressive_codes(vectors[ids.to(vectors.device)], vectors[rows], penalties.to(vectors.device), tau,
+                                  iterations).cpu().split([len(part.sample) for part in sampled])
+    return [_cover(part.vectors, _usage_ranking(part, part_codes), part.n_keep, part.radius)
+            for part, part_codes in zip(sampled, codes, strict=True)]
+
+
+@dataclasses.dataclass
+class _UsageSample:
+    """One set of `sparse_sample_sets` before its codes are solved: the sampled vectors, each one's k nearest others,
+    the coverage radius, the absolute penalty of its codes, and the generator that later breaks usage ties."""
+
+    vectors: torch.Tensor
+    n_keep: int
+    sample: torch.Tensor
+    neighbour_ids: torch.Tensor
+    radius: float
+    penalty: float
+    generator: torch.Generator
+
+
+def _usage_sample(
+    vectors: torch.Tensor, n_keep: int, k: int, lam: float, sample_size: int, coverage_quantile: float, seed: int
+) -> _UsageSample:
+    """Steps 1 (up to the solve) and 2 of `sparse_sample` for one set."""
     count = len(vectors)
     if not 0 < n_keep <= count:
         raise ValueError(f"n_keep must be in 1..{count}, got {n_keep}")
@@ -479,18 +552,18 @@ def sparse_sample(
                                    sample.numpy())
     distances, ids = torch.from_numpy(distances), torch.from_numpy(ids)
     radius = float(torch.quantile(distances[:, density_rank - 1].clamp_min(0.0).sqrt().double(), coverage_quantile))
-
-    ids = ids[:, :k]
-    neighbours = vectors[ids.to(vectors.device)]
     scale = float(vectors.pow(2).sum(dim=1).mean())
-    codes = self_expressive_codes(neighbours, vectors[sample.to(vectors.device)], lam * scale, tau, iterations).cpu()
+    return _UsageSample(vectors, n_keep, sample, ids[:, :k], radius, lam * scale, generator)
+
+
+def _usage_ranking(part: _UsageSample, codes: torch.Tensor) -> torch.Tensor:
+    """Step 3's order of `part`'s vectors from its sample's codes: most used first, ties in random order."""
     votes = codes.abs()
     votes = votes / votes.sum(dim=1, keepdim=True).clamp_min(torch.finfo(votes.dtype).tiny)
-    usage = torch.zeros(count, dtype=votes.dtype).index_add_(0, ids.reshape(-1), votes.reshape(-1))
-
-    shuffle = torch.randperm(count, generator=generator)
-    ranking = shuffle[torch.argsort(usage[shuffle], descending=True, stable=True)]
-    return _cover(vectors, ranking, n_keep, radius)
+    count = len(part.vectors)
+    usage = torch.zeros(count, dtype=votes.dtype).index_add_(0, part.neighbour_ids.reshape(-1), votes.reshape(-1))
+    shuffle = torch.randperm(count, generator=part.generator)
+    return shuffle[torch.argsort(usage[shuffle], descending=True, stable=True)]
 
 
 def _cover(vectors: torch.Tensor, ranking: torch.Tensor, n_keep: int, radius: float) -> torch.Tensor:

@@ -86,6 +86,27 @@ def test_batched_elastic_net_matches_sklearn_per_patch(tau: float) -> None:
     assert zeros > 0, "the test penalty must make some coefficients exactly zero, or the L1 part goes untested"
 
 
+@pytest.mark.parametrize("tau", [0.0, 0.5])
+def test_patches_solved_together_with_their_own_penalties_get_the_codes_they_get_alone(tau: float) -> None:
+    """Per-patch penalties (float64, rounded once) give each group of patches bit for bit its codes solved alone."""
+    neighbours, targets = _random_problem(40, 8, 152, seed=5)
+    penalties = [3.7 * math.pi, 0.1 / 3.0]
+    together = self_expressive_codes(neighbours, targets, torch.tensor([penalties[0]] * 25 + [penalties[1]] * 15,
+                                                                       dtype=torch.float64), tau=tau)
+    alone = torch.cat([self_expressive_codes(neighbours[rows], targets[rows], penalty, tau=tau)
+                       for rows, penalty in ((slice(0, 25), penalties[0]), (slice(25, 40), penalties[1]))])
+    assert torch.equal(together, alone)
+
+
+def test_condensing_images_together_keeps_what_each_keeps_alone() -> None:
+    points, _ = _subspaces(3 * 200 + 90, seed=7)
+    images = [points[:200], points[200:400], points[400:600], points[600:]]
+    method = create_method("sgfr", basis_ratio=0.2, k=8)
+    together = method.condense_each(images)
+    assert [len(kept) for kept in together] == [math.ceil(3.0 * 0.2 * len(image)) for image in images]
+    assert all(torch.equal(kept, method.condense(image)) for kept, image in zip(together, images, strict=True))
+
+
 def test_elastic_net_refuses_tau_outside_its_range() -> None:
     with pytest.raises(ValueError, match="tau must be in"):
         elastic_net_codes(torch.eye(2).expand(1, 2, 2), torch.ones(1, 2), lam=1.0, tau=0.0)
@@ -190,14 +211,15 @@ def test_a_large_candidate_set_is_selected_in_chunks_that_each_cover_their_membe
     basis keeps its size, every candidate is within its chunk's coverage radius of the basis, and the basis depends
     on the candidates only, not on their order."""
     selections: list[tuple[np.ndarray, np.ndarray, int]] = []
-    sample = sgfr.sparse_sample
+    sample_sets = sgfr.sparse_sample_sets
 
-    def recording_sample(vectors: torch.Tensor, n_keep: int, **kwargs) -> torch.Tensor:
-        kept = sample(vectors, n_keep, **kwargs)
-        selections.append((vectors.numpy(), kept.numpy(), n_keep))
-        return kept
+    def recording_sample_sets(sets: list[tuple[torch.Tensor, int, int]], **kwargs) -> list[torch.Tensor]:
+        chosen = sample_sets(sets, **kwargs)
+        selections.extend((vectors.numpy(), kept.numpy(), n_keep)
+                          for (vectors, n_keep, _), kept in zip(sets, chosen, strict=True))
+        return chosen
 
-    monkeypatch.setattr(sgfr, "sparse_sample", recording_sample)
+    monkeypatch.setattr(sgfr, "sparse_sample_sets", recording_sample_sets)
     points, _ = _subspaces(3000, seed=6)
     options = {"basis_ratio": 0.1, "k": 8, "selection_chunk": 1000, "coverage_quantile": 0.95, "sample_size": 5000}
     method = create_method("sgfr", **options)
