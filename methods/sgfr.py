@@ -508,8 +508,9 @@ def sparse_sample_sets(
     if not sampled:
         return []
     penalties = torch.cat([torch.full((len(part.sample),), part.penalty, dtype=torch.float64) for part in sampled])
-    offsets = np.cumsum([0] + [len(part.vectors) for part in sampled[:-1]])
-    vectors = torch.cat([part.vectors for part in sampled])
+    offsets = np.cumsum([0] + [len(part.vectors) for part in sampled[:-1]]).tolist()
+    # One set (a final selection's chunk, hundreds of MB on the driver) is used as is, not copied.
+    vectors = sampled[0].vectors if len(sampled) == 1 else torch.cat([part.vectors for part in sampled])
     rows = torch.cat([part.sample + offset for part, offset in zip(sampled, offsets, strict=True)]).to(vectors.device)
     ids = torch.cat([part.neighbour_ids + offset for part, offset in zip(sampled, offsets, strict=True)])
     codes = self_expressive_codes(vectors[ids.to(vectors.device)], vectors[rows], penalties.to(vectors.device), tau,
