@@ -53,8 +53,6 @@ _COVER_IVF_FROM = 50_000
 """Kept-set size from which the coverage pass finds each vector's nearest kept one through IVF (`_nearest_kept`):
 below it the exact pass takes seconds; above, its cost (all candidates x the kept set) grew to minutes for one
 large category (benchmarks/RESULTS.md, "Unified vs per-category bank models")."""
-_COVER_NPROBE = 16
-"""IVF cells probed per vector in the coverage pass (of sqrt(kept) cells): misses only add representatives."""
 
 IVF_FROM_VECTORS = 2048
 """sgfr's basis gets an IVF index (index="auto") from this size on, far below patchcore's `knn.IVF_MIN_VECTORS`:
@@ -113,6 +111,9 @@ class SGFR(BankMethod):
         iterations: FISTA iterations of every elastic-net solve (fixed, so a score never depends on its batch).
         coverage_quantile: coverage radius = this quantile of distances to the m-th nearest neighbour (see
             `sparse_sample`); 1.0 makes coverage nearly void, and usage alone then favours hub vectors.
+        cover_nprobe: IVF cells the coverage pass probes per vector (of sqrt(kept) cells) once the kept set reaches
+            `_COVER_IVF_FROM` vectors: a missed neighbour only adds a representative, never breaks coverage, so
+            fewer probes trade a slightly different basis for a faster selection.
         sample_size: vectors coded per sampling call to estimate usage.
         selection_chunk: most candidates one final selection pass sees (0 = all at once, else at least 2 (k + 1), so
             that every chunk holds more than k); more are split at random
@@ -141,6 +142,7 @@ class SGFR(BankMethod):
         sampling_tau: float = Field(0.5, gt=0.0, le=1.0)
         iterations: int = Field(100, ge=1)
         coverage_quantile: float = Field(0.9, gt=0.0, le=1.0)
+        cover_nprobe: int = Field(16, ge=1)
         sample_size: int = Field(8192, ge=1)
         selection_chunk: int = Field(SELECTION_CHUNK, ge=0)
         index: Literal["auto", "flat", "ivf"] = "auto"
@@ -344,6 +346,7 @@ class SGFR(BankMethod):
             tau=self.options.sampling_tau,
             sample_size=self.options.sample_size,
             coverage_quantile=self.options.coverage_quantile,
+            cover_nprobe=self.options.cover_nprobe,
             iterations=self.options.iterations,
         )
 
@@ -467,6 +470,7 @@ def sparse_sample(
     coverage_quantile: float = 0.9,
     seed: int = 0,
     iterations: int = 100,
+    cover_nprobe: int = 16,
 ) -> torch.Tensor:
     """Returns indices of a basis that spans the nominal subspaces of `vectors` `(N, D)`: sparse usage + coverage.
 
@@ -487,7 +491,8 @@ def sparse_sample(
     Every vector of `vectors` is within r of a kept one either way.
     """
     return sparse_sample_sets([(vectors, n_keep, seed)], k=k, lam=lam, tau=tau, sample_size=sample_size,
-                              coverage_quantile=coverage_quantile, iterations=iterations)[0]
+                              coverage_quantile=coverage_quantile, iterations=iterations,
+                              cover_nprobe=cover_nprobe)[0]
 
 
 def sparse_sample_sets(
@@ -498,6 +503,7 @@ def sparse_sample_sets(
     sample_size: int = 8192,
     coverage_quantile: float = 0.9,
     iterations: int = 100,
+    cover_nprobe: int = 16,
 ) -> list[torch.Tensor]:
     """`sparse_sample` of each `(vectors, n_keep, seed)` set on its own, with one elastic-net solve for the codes of
     every set: the solver works row by row with each row's own penalty, so a set's codes, and its selection, are the
@@ -515,7 +521,7 @@ def sparse_sample_sets(
     ids = torch.cat([part.neighbour_ids + offset for part, offset in zip(sampled, offsets, strict=True)])
     codes = self_expressive_codes(vectors[ids.to(vectors.device)], vectors[rows], penalties.to(vectors.device), tau,
                                   iterations).cpu().split([len(part.sample) for part in sampled])
-    return [_cover(part.vectors, _usage_ranking(part, part_codes), part.n_keep, part.radius)
+    return [_cover(part.vectors, _usage_ranking(part, part_codes), part.n_keep, part.radius, cover_nprobe)
             for part, part_codes in zip(sampled, codes, strict=True)]
 
 
@@ -567,7 +573,7 @@ def _usage_ranking(part: _UsageSample, codes: torch.Tensor) -> torch.Tensor:
     return shuffle[torch.argsort(usage[shuffle], descending=True, stable=True)]
 
 
-def _cover(vectors: torch.Tensor, ranking: torch.Tensor, n_keep: int, radius: float) -> torch.Tensor:
+def _cover(vectors: torch.Tensor, ranking: torch.Tensor, n_keep: int, radius: float, nprobe: int) -> torch.Tensor:
     """Applies the coverage rule of `sparse_sample` to vectors ranked by usage; returns the kept indices.
 
     Each vector remembers its nearest kept vector ("owner"); when representatives push the least used vectors out of
@@ -582,7 +588,7 @@ def _cover(vectors: torch.Tensor, ranking: torch.Tensor, n_keep: int, radius: fl
     gap, owner = np.zeros(len(points)), np.arange(len(points))
     others = np.setdiff1d(owner, ranking[:n_usage], assume_unique=True)
     if len(others):
-        gap[others], owner[others] = _nearest_kept(points, ranking[:n_usage], others)
+        gap[others], owner[others] = _nearest_kept(points, ranking[:n_usage], others, nprobe)
     while True:
         uncovered = np.nonzero(gap > radius)[0]
         if len(uncovered) == 0:
@@ -594,10 +600,12 @@ def _cover(vectors: torch.Tensor, ranking: torch.Tensor, n_keep: int, radius: fl
         n_usage = kept_usage
         if len(affected):
             kept = np.concatenate([ranking[:n_usage], representatives])
-            gap[affected], owner[affected] = _nearest_kept(points, kept, affected)
+            gap[affected], owner[affected] = _nearest_kept(points, kept, affected, nprobe)
 
 
-def _nearest_kept(points: np.ndarray, kept: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _nearest_kept(
+    points: np.ndarray, kept: np.ndarray, queries: np.ndarray, nprobe: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Distance from each query vector to a nearest kept vector, and that vector's index (-1, at infinity: none).
 
     Kept sets of `_COVER_IVF_FROM` vectors or more are searched through an IVF index: the exact pass costs
@@ -605,7 +613,7 @@ def _nearest_kept(points: np.ndarray, kept: np.ndarray, queries: np.ndarray) -> 
     the true one, so the gap is an upper bound: a vector it calls covered is covered, and a miss only adds a
     representative; the coverage guarantee of `sparse_sample` holds either way.
     """
-    index = knn.build_index(points[kept], kind="auto", ivf_from=_COVER_IVF_FROM, nprobe=_COVER_NPROBE)
+    index = knn.build_index(points[kept], kind="auto", ivf_from=_COVER_IVF_FROM, nprobe=nprobe)
     distances, ids = knn.search(index, points[queries], 1)
     found = ids[:, 0] >= 0
     gap = np.where(found, np.sqrt(np.maximum(distances[:, 0], 0.0)), np.inf)

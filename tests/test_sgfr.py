@@ -131,9 +131,12 @@ def test_sparse_sampling_keeps_its_size_and_covers_every_vector() -> None:
     _assert_covered(points.numpy(), kept.numpy(), _mth_neighbour_radius(points.numpy(), 120, 0.95))
 
 
-def test_sparse_sampling_covers_every_vector_with_an_approximate_kept_search(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cover_nprobe", [1, 16])
+def test_sparse_sampling_covers_every_vector_with_an_approximate_kept_search(
+    monkeypatch: pytest.MonkeyPatch, cover_nprobe: int
+) -> None:
     """Large kept sets are searched through IVF in the coverage pass; its neighbours are never nearer than the true
-    ones, so every vector is still within the radius of the basis."""
+    ones, so every vector is still within the radius of the basis, at any number of probed cells."""
     built: list[str] = []
     build_index = sgfr.knn.build_index
 
@@ -145,7 +148,7 @@ def test_sparse_sampling_covers_every_vector_with_an_approximate_kept_search(mon
     monkeypatch.setattr(sgfr, "_COVER_IVF_FROM", 400)
     monkeypatch.setattr(sgfr.knn, "build_index", recording_build_index)
     points, _ = _subspaces(2400, seed=4)
-    kept = sparse_sample(points, 800, k=8, sample_size=5000, coverage_quantile=0.95, seed=0)
+    kept = sparse_sample(points, 800, k=8, sample_size=5000, coverage_quantile=0.95, seed=0, cover_nprobe=cover_nprobe)
     assert "IndexIVFFlat" in built
     assert len(kept) >= 800 and len(torch.unique(kept)) == len(kept)
     _assert_covered(points.numpy(), kept.numpy(), _mth_neighbour_radius(points.numpy(), 800, 0.95))
@@ -156,9 +159,9 @@ def test_the_coverage_pass_searches_only_the_vectors_outside_the_kept_set(monkey
     searches: list[tuple[np.ndarray, np.ndarray]] = []
     nearest_kept = sgfr._nearest_kept
 
-    def recording_nearest_kept(points: np.ndarray, kept: np.ndarray, queries: np.ndarray):
+    def recording_nearest_kept(points: np.ndarray, kept: np.ndarray, queries: np.ndarray, nprobe: int):
         searches.append((kept.copy(), queries.copy()))
-        return nearest_kept(points, kept, queries)
+        return nearest_kept(points, kept, queries, nprobe)
 
     monkeypatch.setattr(sgfr, "_nearest_kept", recording_nearest_kept)
     points, _ = _subspaces(1200, seed=3)
