@@ -113,7 +113,9 @@ class SGFR(BankMethod):
             `sparse_sample`); 1.0 makes coverage nearly void, and usage alone then favours hub vectors.
         cover_nprobe: IVF cells the coverage pass probes per vector (of sqrt(kept) cells) once the kept set reaches
             `_COVER_IVF_FROM` vectors: a missed neighbour only adds a representative, never breaks coverage, so
-            fewer probes trade a slightly different basis for a faster selection.
+            fewer probes trade a slightly different basis for a faster selection. 8 (was 16) held the defaults rule
+            on MTD and elpv, the datasets whose validation fits reach this search (benchmarks/RESULTS.md, "Fewer
+            probes in the coverage search").
         sample_size: vectors coded per sampling call to estimate usage.
         selection_chunk: most candidates one final selection pass sees (0 = all at once, else at least 2 (k + 1), so
             that every chunk holds more than k); more are split at random
@@ -142,7 +144,7 @@ class SGFR(BankMethod):
         sampling_tau: float = Field(0.5, gt=0.0, le=1.0)
         iterations: int = Field(100, ge=1)
         coverage_quantile: float = Field(0.9, gt=0.0, le=1.0)
-        cover_nprobe: int = Field(16, ge=1)
+        cover_nprobe: int = Field(8, ge=1)
         sample_size: int = Field(8192, ge=1)
         selection_chunk: int = Field(SELECTION_CHUNK, ge=0)
         index: Literal["auto", "flat", "ivf"] = "auto"
@@ -470,7 +472,7 @@ def sparse_sample(
     coverage_quantile: float = 0.9,
     seed: int = 0,
     iterations: int = 100,
-    cover_nprobe: int = 16,
+    cover_nprobe: int = 8,
 ) -> torch.Tensor:
     """Returns indices of a basis that spans the nominal subspaces of `vectors` `(N, D)`: sparse usage + coverage.
 
@@ -503,7 +505,7 @@ def sparse_sample_sets(
     sample_size: int = 8192,
     coverage_quantile: float = 0.9,
     iterations: int = 100,
-    cover_nprobe: int = 16,
+    cover_nprobe: int = 8,
 ) -> list[torch.Tensor]:
     """`sparse_sample` of each `(vectors, n_keep, seed)` set on its own, with one elastic-net solve for the codes of
     every set: the solver works row by row with each row's own penalty, so a set's codes, and its selection, are the
