@@ -588,7 +588,7 @@ def _cover(vectors: torch.Tensor, ranking: torch.Tensor, n_keep: int, radius: fl
     n_usage = n_keep
     representatives = np.empty(0, dtype=np.int64)
     gap, owner = np.zeros(len(points)), np.arange(len(points))
-    others = np.setdiff1d(owner, ranking[:n_usage], assume_unique=True)
+    others = np.setdiff1d(np.arange(len(points)), ranking[:n_usage], assume_unique=True)
     if len(others):
         gap[others], owner[others] = _nearest_kept(points, ranking[:n_usage], others, nprobe)
     while True:
