@@ -31,6 +31,8 @@ LEVEL_COLUMN = "level_{}"
 SAMPLE_COLUMNS = ("image", "category", "split", "label", "defect", "mask")
 BatchMap = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 """A function of one numpy batch, as `map_batches` takes it."""
+_ACTOR_START_TIMEOUT_S = 600
+"""How long a pipeline waits for its initial actors to be placed: long enough for an autoscaler to add a node."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,21 +94,32 @@ def feature_dataset(
     `then`, if given, maps each feature batch inside the backbone actor, with the actor's threads (a bank fit's
     condensing): one operator and one pool of workers fewer than a separate `map_batches`, and only its output
     leaves the actor."""
-    return image_dataset(samples, spec, resources, masks=masks).map_batches(
-        _FeatureActor,
-        fn_constructor_kwargs={"spec": spec, "threads": resources.torch_threads, "then": then},
+    return _through_actor_pool(image_dataset(samples, spec, resources, masks=masks), _FeatureActor,
+                               {"spec": spec, "threads": resources.torch_threads, "then": then}, resources,
+                               len(samples))
+
+
+def _through_actor_pool(
+    images: ray.data.Dataset, actor: type, constructor_kwargs: dict[str, Any], resources: Resources, rows: int
+) -> ray.data.Dataset:
+    """`images` mapped by a pool of `actor`s: as many as the plan allows and the rows can keep busy (a batch each),
+    started at once so that a job on several nodes runs on all of them (Ray Data spreads actors over nodes).
+
+    A pool of several actors is up before any image is decoded. Ray Data starts actors asynchronously by default:
+    decode tasks then run first and can hold the CPUs a pending actor needs, and a two-batch fit on two 1-CPU nodes
+    ran on one node, the first actor up doing all the work. If the cluster cannot place the actors (other jobs hold
+    its CPUs), Ray Data stops the job after `_ACTOR_START_TIMEOUT_S` with "Timed out while starting actors"."""
+    initial = min(resources.actors, max(1, math.ceil(rows / resources.batch_size)))
+    if initial > 1:
+        images.context.wait_for_min_actors_s = _ACTOR_START_TIMEOUT_S  # the Dataset's own copy of the context
+    return images.map_batches(
+        actor,
+        fn_constructor_kwargs=constructor_kwargs,
         batch_size=resources.batch_size,
-        compute=_actor_pool(resources, len(samples)),
+        compute=ActorPoolStrategy(min_size=initial, max_size=resources.actors),
         num_cpus=resources.cpus_per_actor,
         num_gpus=resources.gpus_per_actor,
     )
-
-
-def _actor_pool(resources: Resources, rows: int) -> ActorPoolStrategy:
-    """As many actors as the plan allows and the rows can keep busy (a batch each) start at once, so a job on several
-    nodes runs on all of them (Ray Data spreads actors over nodes) instead of waiting for the pool to scale up."""
-    busy = max(1, math.ceil(rows / resources.batch_size))
-    return ActorPoolStrategy(min_size=min(resources.actors, busy), max_size=resources.actors)
 
 
 def feature_batches(
@@ -134,14 +147,9 @@ def score_dataset(
 ) -> ray.data.Dataset:
     """Rows with `image_score`, `anomaly_map` `(S, S)` and per-image timings, scored by the artifact's `Scorer`."""
     spec = read_config(local_model(model_dir)).spec
-    return image_dataset(samples, spec, resources, masks=masks).map_batches(
-        _ScoreActor,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "threads": resources.torch_threads},
-        batch_size=resources.batch_size,
-        compute=_actor_pool(resources, len(samples)),
-        num_cpus=resources.cpus_per_actor,
-        num_gpus=resources.gpus_per_actor,
-    )
+    return _through_actor_pool(image_dataset(samples, spec, resources, masks=masks), _ScoreActor,
+                               {"model_dir": str(model_dir), "threads": resources.torch_threads}, resources,
+                               len(samples))
 
 
 def preprocess(rgb: np.ndarray, spec: ModelSpec) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,36 @@ def test_feature_actors_match_the_in_process_backbone(
     assert [tuple(level.shape) for level in got] == [(4, 40, 8, 8), (4, 112, 4, 4)]
     for level, reference in zip(got, expected, strict=True):
         torch.testing.assert_close(level, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_a_pool_of_several_actors_is_up_before_the_first_image_is_decoded(
+    ray_session, synthetic_root: Path, model_spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two actors and four one-image batches: no decode task starts before both actors are constructed (Ray's task
+    records), so decode tasks never hold the CPUs an actor is waiting for. A job of one batch starts one actor and is
+    not held up by a plan that would not fit (three 1-CPU actors on the session's 2 CPUs)."""
+    from ray.util.state import list_tasks
+
+    monkeypatch.setattr(ingest, "_ACTOR_START_TIMEOUT_S", 20)
+    samples = _nut_samples(synthetic_root)
+    rows = _collect(feature_dataset(samples[:1], model_spec, Resources(3, 1.0, 0.0, 0.5, batch_size=1)), samples[:1])
+    assert rows["image"].tolist() == [samples[0].image]
+
+    began_ms = time.time() * 1000
+    rows = _collect(feature_dataset(samples, model_spec, Resources(2, 0.75, 0.0, 0.25, batch_size=1)), samples)
+    assert rows["image"].tolist() == [sample.image for sample in samples]
+    deadline = time.monotonic() + 30
+    while True:  # task records reach the State API a second or so after the tasks end
+        tasks = [task for task in list_tasks(detail=True, limit=10_000, raise_on_missing_output=False)
+                 if (task.creation_time_ms or 0) >= began_ms and task.end_time_ms]
+        actors = [task.end_time_ms for task in tasks if "_FeatureActor" in task.func_or_class_name
+                  and task.type == "ACTOR_CREATION_TASK"]
+        decodes = [task.start_time_ms for task in tasks if "_decode_batch" in task.name]
+        if len(actors) == 2 and len(decodes) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(actors) == 2 and decodes, (actors, decodes)
+    assert min(decodes) >= max(actors), (actors, decodes)
 
 
 def test_score_actors_match_the_in_process_scorer(
