@@ -159,9 +159,9 @@ def test_a_pool_of_several_actors_is_up_before_the_first_image_is_decoded(
     rows = _collect(feature_dataset(samples, model_spec, Resources(2, 0.75, 0.0, 0.25, batch_size=1)), samples)
     assert rows["image"].tolist() == [sample.image for sample in samples]
     deadline = time.monotonic() + 30
-    while True:  # task records reach the State API a second or so after the tasks end
+    while True:  # task records reach the State API a second or so after the tasks end, times in parts
         tasks = [task for task in list_tasks(detail=True, limit=10_000, raise_on_missing_output=False)
-                 if (task.creation_time_ms or 0) >= began_ms and task.end_time_ms]
+                 if (task.creation_time_ms or 0) >= began_ms and task.start_time_ms and task.end_time_ms]
         actors = [task.end_time_ms for task in tasks if "_FeatureActor" in task.func_or_class_name
                   and task.type == "ACTOR_CREATION_TASK"]
         decodes = [task.start_time_ms for task in tasks if "_decode_batch" in task.name]
