@@ -94,22 +94,24 @@ def feature_dataset(
     `then`, if given, maps each feature batch inside the backbone actor, with the actor's threads (a bank fit's
     condensing): one operator and one pool of workers fewer than a separate `map_batches`, and only its output
     leaves the actor."""
-    return _through_actor_pool(image_dataset(samples, spec, resources, masks=masks), _FeatureActor,
-                               {"spec": spec, "threads": resources.torch_threads, "then": then}, resources,
-                               len(samples))
+    return _through_actor_pool(samples, spec, resources, masks, _FeatureActor,
+                               {"spec": spec, "threads": resources.torch_threads, "then": then})
 
 
 def _through_actor_pool(
-    images: ray.data.Dataset, actor: type, constructor_kwargs: dict[str, Any], resources: Resources, rows: int
+    samples: Sequence[Sample], spec: ModelSpec, resources: Resources, masks: bool, actor: type,
+    constructor_kwargs: dict[str, Any],
 ) -> ray.data.Dataset:
-    """`images` mapped by a pool of `actor`s: as many as the plan allows and the rows can keep busy (a batch each),
-    started at once so that a job on several nodes runs on all of them (Ray Data spreads actors over nodes).
+    """The decoded `samples` (`image_dataset`) mapped by a pool of `actor`s: as many as the plan allows and the images
+    can keep busy (a batch each), started at once so that a job on several nodes runs on all of them (Ray Data
+    spreads actors over nodes).
 
     A pool of several actors is up before any image is decoded. Ray Data starts actors asynchronously by default:
     decode tasks then run first and can hold the CPUs a pending actor needs, and a two-batch fit on two 1-CPU nodes
     ran on one node, the first actor up doing all the work. If the cluster cannot place the actors (other jobs hold
     its CPUs), Ray Data stops the job after `_ACTOR_START_TIMEOUT_S` with "Timed out while starting actors"."""
-    initial = min(resources.actors, max(1, math.ceil(rows / resources.batch_size)))
+    images = image_dataset(samples, spec, resources, masks=masks)
+    initial = min(resources.actors, max(1, math.ceil(len(samples) / resources.batch_size)))
     if initial > 1:
         images.context.wait_for_min_actors_s = _ACTOR_START_TIMEOUT_S  # the Dataset's own copy of the context
     return images.map_batches(
@@ -147,9 +149,8 @@ def score_dataset(
 ) -> ray.data.Dataset:
     """Rows with `image_score`, `anomaly_map` `(S, S)` and per-image timings, scored by the artifact's `Scorer`."""
     spec = read_config(local_model(model_dir)).spec
-    return _through_actor_pool(image_dataset(samples, spec, resources, masks=masks), _ScoreActor,
-                               {"model_dir": str(model_dir), "threads": resources.torch_threads}, resources,
-                               len(samples))
+    return _through_actor_pool(samples, spec, resources, masks, _ScoreActor,
+                               {"model_dir": str(model_dir), "threads": resources.torch_threads})
 
 
 def preprocess(rgb: np.ndarray, spec: ModelSpec) -> torch.Tensor:
